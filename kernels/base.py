@@ -1,0 +1,136 @@
+"""The attention backend protocol shared by every method.
+
+Shapes (T = tokens in the step, S = sequences in the step):
+  q            [T, Hq, D]        queries of the step's tokens, flattened over sequences (RoPE applied)
+  k, v         [T, Hkv, D]       the step's new keys/values (written into the cache by the backend)
+  k_cache      [num_blocks, Hkv, block_size, D]   head-major inside a block: one head's block is one
+  v_cache      [num_blocks, Hkv, block_size, D]   contiguous run of memory (good for span/block gathers)
+  output       [T, Hq, D]
+
+Each sequence's tokens in the step are contiguous in q (query_start_loc) and are the LAST query_len tokens
+of its context: after the cache write the sequence has context_len keys, and its i-th step token sits at
+absolute position context_len - query_len + i (causal: it sees keys 0 .. that position).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything a backend needs to locate a step's tokens in the paged cache."""
+
+    positions: torch.Tensor  # [T] int64, absolute position of each step token
+    slot_mapping: torch.Tensor  # [T] int64, block_id * block_size + offset where the token's K/V go
+    block_tables: torch.Tensor  # [S, max_blocks] int32, physical block ids (padding: 0)
+    context_lens: torch.Tensor  # [S] int32, keys visible to the sequence after this step's write
+    query_start_loc: torch.Tensor  # [S + 1] int32, offsets of each sequence's tokens in q
+    block_size: int
+    # Host copies, so reference paths and planners never synchronise with the device.
+    context_lens_cpu: list[int] = field(default_factory=list)
+    query_lens_cpu: list[int] = field(default_factory=list)
+    seq_ids: list[int] = field(default_factory=list)  # engine sequence ids (for per-sequence state)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_cpu, default=0)
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.context_lens_cpu, default=0)
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return all(n == 1 for n in self.query_lens_cpu)
+
+    def query_slice(self, i: int) -> slice:
+        start = sum(self.query_lens_cpu[:i])
+        return slice(start, start + self.query_lens_cpu[i])
+
+
+@dataclass
+class LayerCache:
+    """One attention layer's paged K/V plus the per-block auxiliary tables its backend keeps.
+
+    aux tables are indexed by the same physical block ids as k/v (e.g. aux["kmin"]: [num_blocks, Hkv, D]),
+    so a sparse backend can score blocks without re-reading every key.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[3]
+
+
+@dataclass
+class StepState:
+    """What one layer hands to later layers within a single forward pass.
+
+    selections[layer] is whatever the layer's backend selected (e.g. HyLRA's top-k block ids); a REUSE
+    layer reads selections[source]. Created fresh for every forward pass.
+    """
+
+    selections: dict[int, Any] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class AttentionBackend(Protocol):
+    """One attention method. The engine owns one backend per step; the plan says which layer runs what."""
+
+    name: str
+
+    def aux_specs(self, num_kv_heads: int, head_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+        """Per-block auxiliary tables this backend wants beside each layer's cache.
+
+        Maps a name to (shape after the leading num_blocks dim, dtype or None for the cache dtype).
+        The engine allocates them with the cache and counts them in the KV memory budget.
+        """
+        ...
+
+    def forward(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: LayerCache,
+        meta: AttentionMetadata,
+        state: StepState,
+    ) -> torch.Tensor:
+        """Write k/v into the cache (and update aux tables), attend, return [T, Hq, D]."""
+        ...
+
+    def free_sequence(self, seq_id: int) -> None:
+        """Drop any per-sequence state (called when a sequence finishes, aborts or is preempted)."""
+        ...
+
+
+class BackendError(ValueError):
+    """Bad backend parameters or plan (a user error: reported in one line)."""
