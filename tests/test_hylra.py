@@ -63,3 +63,235 @@ def test_dp_rejects_bad_inputs():
         dp.solve(np.eye(2), full_layers=[5])
     with pytest.raises(ValueError, match="positive"):
         dp.solve(np.eye(2), max_compute=0)
+
+
+# ---------------------------------------------------------------- runtime: hand-built paged caches
+
+import torch  # noqa: E402
+
+from longserve.kernels.base import AttentionMetadata, BackendError, LayerCache, StepState  # noqa: E402
+from longserve.kernels.dense import DenseBackend  # noqa: E402
+from longserve.kernels.hylra import HyLRABackend, validate_params  # noqa: E402
+from longserve.kernels.plan import LayerPlan  # noqa: E402
+from longserve.kernels.reference import dense as ref_dense  # noqa: E402
+from longserve.kernels.reference import hylra as ref  # noqa: E402
+
+
+class Case:
+    """A batch of sequences on a paged cache: `seqs` = [(context_len, query_len)], the first context_len -
+    query_len tokens already in the cache (with their bounds), the step's q/k/v for the rest."""
+
+    def __init__(self, seqs, hq=4, hkv=2, d=16, bs=4, dtype=torch.float32, seed=0, num_layers=1):
+        g = torch.Generator().manual_seed(seed)
+        self.hq, self.hkv, self.d, self.bs, self.dtype = hq, hkv, d, bs, dtype
+        blocks_per_seq = [-(-ctx // bs) for ctx, _ in seqs]
+        num_blocks = sum(blocks_per_seq) + 3
+        perm = torch.randperm(num_blocks, generator=g)
+        width = max(blocks_per_seq)
+        tables = torch.zeros(len(seqs), width, dtype=torch.int32)
+        used = 0
+        for s, nb in enumerate(blocks_per_seq):
+            tables[s, :nb] = perm[used:used + nb].int()
+            used += nb
+        self.caches = []
+        for _ in range(num_layers):
+            shape = (num_blocks, hkv, bs, d)
+            # Stale garbage in the cache and aux tables: the backend must never read what it did not write.
+            cache = LayerCache(torch.randn(shape, generator=g).to(dtype) * 50, torch.randn(shape, generator=g).to(dtype),
+                               {"kmin": torch.full((num_blocks, hkv, d), 7.0, dtype=dtype),
+                                "kmax": torch.full((num_blocks, hkv, d), -7.0, dtype=dtype)})
+            past_slots, past_k, past_v = [], [], []
+            for s, (ctx, qlen) in enumerate(seqs):
+                for p in range(ctx - qlen):
+                    past_slots.append(int(tables[s, p // bs]) * bs + p % bs)
+                past_k.append(torch.randn(ctx - qlen, hkv, d, generator=g))
+                past_v.append(torch.randn(ctx - qlen, hkv, d, generator=g))
+            slots = torch.tensor(past_slots, dtype=torch.long)
+            ref_dense.write_kv(cache.k, cache.v, torch.cat(past_k), torch.cat(past_v), slots)
+            ref.update_block_bounds(cache.k, cache.aux["kmin"], cache.aux["kmax"], slots)
+            self.caches.append(cache)
+        positions, slots, qlens, ctxs = [], [], [], []
+        for s, (ctx, qlen) in enumerate(seqs):
+            for p in range(ctx - qlen, ctx):
+                positions.append(p)
+                slots.append(int(tables[s, p // bs]) * bs + p % bs)
+            qlens.append(qlen)
+            ctxs.append(ctx)
+        t = len(positions)
+        self.meta = AttentionMetadata(
+            positions=torch.tensor(positions, dtype=torch.long), slot_mapping=torch.tensor(slots, dtype=torch.long),
+            block_tables=tables, context_lens=torch.tensor(ctxs, dtype=torch.int32),
+            query_start_loc=torch.tensor([0] + list(np.cumsum(qlens)), dtype=torch.int32), block_size=bs,
+            context_lens_cpu=ctxs, query_lens_cpu=qlens, seq_ids=list(range(len(seqs))))
+        self.q = [torch.randn(t, hq, d, generator=g).to(dtype) for _ in range(num_layers)]
+        self.k = [torch.randn(t, hkv, d, generator=g).to(dtype) for _ in range(num_layers)]
+        self.v = [torch.randn(t, hkv, d, generator=g).to(dtype) for _ in range(num_layers)]
+
+    def clone_caches(self):
+        return [LayerCache(c.k.clone(), c.v.clone(), {n: a.clone() for n, a in c.aux.items()}) for c in self.caches]
+
+    def run(self, backend, caches=None, state=None, layers=None):
+        caches = caches if caches is not None else self.clone_caches()
+        state = state if state is not None else StepState()
+        outs = [backend.forward(i, self.q[i], self.k[i], self.v[i], caches[i], self.meta, state)
+                for i in (layers if layers is not None else range(len(caches)))]
+        return outs, caches, state
+
+
+def hylra_plan(layers, **params):
+    return AttentionPlan("hylra", [LayerPlan(*lp) if isinstance(lp, tuple) else LayerPlan(lp) for lp in layers],
+                         params)
+
+
+def restricted_attention(case, layer, selection, caches):
+    """Independent oracle: float64 attention of each query over the keys of its tile's selected blocks only."""
+    meta, bs = case.meta, case.bs
+    q = case.q[layer].double()
+    out = torch.zeros_like(q)
+    group = case.hq // case.hkv
+    for ti, tile in enumerate(selection.tiles):
+        table = meta.block_tables[tile.seq]
+        keys = ref_dense.gather_kv(caches[layer].k, table, meta.context_lens_cpu[tile.seq]).double()
+        vals = ref_dense.gather_kv(caches[layer].v, table, meta.context_lens_cpu[tile.seq]).double()
+        for t in range(tile.q_start, tile.q_end):
+            pos = int(meta.positions[t])
+            for h in range(case.hq):
+                sel_head = h if selection.per_head else h // group
+                chosen = [int(b) for b in selection.blocks[ti, sel_head] if b >= 0]
+                allowed = [p for b in chosen for p in range(b * bs, b * bs + bs) if p <= pos]
+                kh, vh = keys[h // group, allowed], vals[h // group, allowed]
+                w = torch.softmax(kh @ q[t, h] / math.sqrt(case.d), dim=0)
+                out[t, h] = w @ vh
+    return out
+
+
+SEQS_MIXED = [(37, 1), (23, 9), (50, 50), (5, 1)]  # decode, chunked prefill, full prefill, short decode
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("seqs", [SEQS_MIXED, [(61, 1), (64, 1)], [(70, 29)]])
+def test_covering_budget_equals_dense(seqs, per_head):
+    case = Case(seqs, bs=4, num_layers=3)
+    plan = hylra_plan(["compute", ("reuse", 0), "compute"], topk_tokens=4 * 100, prefill_tile=8, per_head=per_head)
+    outs, caches, state = case.run(HyLRABackend(plan, impl="torch"))
+    dense_outs, dense_caches, _ = case.run(DenseBackend("torch"))
+    for o, od in zip(outs, dense_outs):
+        assert torch.equal(o, od)
+    for c, cd in zip(caches, dense_caches):
+        assert torch.equal(c.k, cd.k) and torch.equal(c.v, cd.v)
+
+
+@pytest.mark.parametrize("per_head,head_reduce", [(False, "max"), (False, "sum"), (True, "max")])
+def test_reuse_attends_exactly_the_source_selection(per_head, head_reduce):
+    case = Case(SEQS_MIXED + [(90, 17)], hq=6, hkv=2, bs=4, num_layers=4, seed=1)
+    plan = hylra_plan(["full", "compute", ("reuse", 1), ("reuse", 1)], topk_tokens=24, sink_blocks=1,
+                      recent_blocks=2, prefill_tile=5, per_head=per_head, head_reduce=head_reduce)
+    outs, caches, state = case.run(HyLRABackend(plan, impl="torch"))
+    assert set(state.selections) == {1}  # only the COMPUTE layer selects
+    sel = state.selections[1]
+    assert sel.blocks.shape[1] == (6 if per_head else 2)
+    # The selection is genuinely sparse somewhere (fewer blocks than visible) - else the test proves nothing.
+    assert any((sel.blocks[i] >= 0).sum(-1).max() < t.last_pos // 4 + 1 for i, t in enumerate(sel.tiles))
+    for layer in (1, 2, 3):
+        want = restricted_attention(case, layer, sel, caches)
+        torch.testing.assert_close(outs[layer].double(), want, atol=1e-5, rtol=1e-5)
+    # A REUSE layer does not depend on its own queries' scores: same output with the source's selection
+    # handed over to a fresh state and the reuse layer run alone.
+    state2 = StepState(selections={1: sel})
+    out2 = HyLRABackend(plan, impl="torch").forward(2, case.q[2], case.k[2], case.v[2], case.clone_caches()[2],
+                                                    case.meta, state2)
+    assert torch.equal(out2, outs[2])
+
+
+def brute_scores(case, layer, caches, tile, candidates, per_head, head_reduce):
+    """Quest bound per candidate block from its raw keys, elementwise (no kmin/kmax tables)."""
+    meta, bs, group = case.meta, case.bs, case.hq // case.hkv
+    table = meta.block_tables[tile.seq]
+    res = torch.zeros(case.hq, len(candidates), dtype=torch.float64)
+    for ci, b in enumerate(candidates):
+        keys = caches[layer].k[int(table[b])].double()  # [Hkv, bs, D], block fully written
+        lo, hi = keys.amin(1), keys.amax(1)
+        for h in range(case.hq):
+            qs = case.q[layer][tile.q_start:tile.q_end, h].double()
+            res[h, ci] = torch.maximum(qs * lo[h // group], qs * hi[h // group]).sum(-1).max()
+    if per_head:
+        return res
+    res = res.reshape(case.hkv, group, -1)
+    return res.amax(1) if head_reduce == "max" else res.sum(1)
+
+
+@pytest.mark.parametrize("per_head,head_reduce", [(False, "max"), (False, "sum"), (True, "max")])
+def test_selection_keeps_sinks_recent_and_top_blocks(per_head, head_reduce):
+    case = Case([(97, 1), (83, 11), (40, 40)], hq=4, hkv=2, bs=4, seed=2)
+    sink, recent, budget = 2, 3, 9
+    plan = hylra_plan(["compute"], topk_tokens=budget * 4 - 1, sink_blocks=sink, recent_blocks=recent,
+                      prefill_tile=6, per_head=per_head, head_reduce=head_reduce)
+    _, caches, state = case.run(HyLRABackend(plan, impl="torch"))
+    sel = state.selections[0]
+    assert len(sel.tiles) == 1 + 2 + 7
+    for ti, tile in enumerate(sel.tiles):
+        lo = max(0, tile.first_pos // 4 - (recent - 1))
+        hi = tile.last_pos // 4
+        forced = set(range(min(sink, lo))) | set(range(lo, hi + 1))
+        candidates = list(range(min(sink, lo), lo))
+        want_total = min(hi + 1, max(budget, len(forced)))
+        scores = brute_scores(case, 0, caches, tile, candidates, per_head, head_reduce)
+        for h in range(sel.blocks.shape[1]):
+            chosen = [int(b) for b in sel.blocks[ti, h] if b >= 0]
+            assert chosen == sorted(set(chosen)) and len(chosen) == want_total
+            assert forced <= set(chosen)
+            assert max(chosen) <= hi  # causality: nothing after the tile's last query
+            picked = [candidates.index(b) for b in chosen if b not in forced]
+            rest = [i for i in range(len(candidates)) if i not in picked]
+            if picked and rest:  # every picked block scores at least as high as every one left out
+                assert scores[h, picked].min() >= scores[h, rest].max() - 1e-5
+
+
+def test_block_bounds_track_writes_and_ignore_stale_data():
+    bs, hkv, d = 4, 2, 8
+    k_cache = torch.randn(6, hkv, bs, d) * 100  # stale garbage
+    v_cache = torch.zeros_like(k_cache)
+    kmin, kmax = torch.full((6, hkv, d), 1e9), torch.full((6, hkv, d), -1e9)
+    written = {}
+    table = [3, 0, 5]
+    pos = 0
+    for step in [3, 1, 1, 4, 2]:  # tokens appended per step
+        keys = torch.randn(step, hkv, d)
+        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(pos, pos + step)])
+        ref_dense.write_kv(k_cache, v_cache, keys, torch.zeros_like(keys), slots)
+        ref.update_block_bounds(k_cache, kmin, kmax, slots)
+        for i in range(step):
+            written.setdefault(table[(pos + i) // bs], []).append(keys[i])
+        pos += step
+        for blk, ks in written.items():
+            ks = torch.stack(ks)
+            assert torch.equal(kmin[blk], ks.amin(0)) and torch.equal(kmax[blk], ks.amax(0))
+    # The bound is an upper bound of every q.k in the block.
+    q = torch.randn(hkv, 5, d)
+    bounds = ref.block_upper_bounds(q, kmin[table], kmax[table])  # [H, 5, 3]
+    for i, blk in enumerate(table):
+        n = min(bs, pos - i * bs)
+        exact = torch.einsum("hmd,hnd->hmn", q, k_cache[blk, :, :n]).amax(-1)
+        assert (bounds[:, :, i] >= exact - 1e-5).all()
+
+
+def test_reuse_without_source_selection_is_a_clear_error():
+    case = Case([(20, 1)], num_layers=2)
+    backend = HyLRABackend(hylra_plan(["compute", ("reuse", 0)]), impl="torch")
+    with pytest.raises(BackendError, match="reuses layer 0"):
+        case.run(backend, layers=[1])
+    caches = case.clone_caches()
+    del caches[0].aux["kmin"]
+    with pytest.raises(BackendError, match="aux"):
+        case.run(backend, caches=caches, layers=[0])
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"topk_tokens": 0}, "topk_tokens"), ({"topk_tokens": "2k"}, "topk_tokens"), ({"topk_tokens": True}, "topk_tokens"),
+    ({"sink_blocks": -1}, "sink_blocks"), ({"recent_blocks": 0}, "recent_blocks"), ({"per_head": 1}, "per_head"),
+    ({"head_reduce": "mean"}, "head_reduce"), ({"prefill_tile": 0}, "prefill_tile"), ({"topk": 5}, "unknown"),
+])
+def test_bad_params_are_clear_errors(params, match):
+    with pytest.raises(BackendError, match=match):
+        HyLRABackend(hylra_plan(["compute"], **params))
+    assert validate_params({})["topk_tokens"] == 2048

@@ -1,0 +1,123 @@
+"""HyLRA (arXiv 2602.00777): top-k block attention with cross-layer reuse of the selection.
+
+Per layer the plan says:
+  full     dense attention (normally routed to DenseBackend by kernels/registry.py; handled here too)
+  compute  score the blocks from per-block key bounds (aux tables kmin/kmax), keep sinks + recent blocks +
+           the top-scoring blocks up to the token budget, attend to them; the selection is left in
+           state.selections[layer] for later layers
+  reuse    attend to exactly the blocks that layer `source` selected in this forward pass (no scoring)
+Sparse in decode and in chunked prefill (one selection per query tile). Selection semantics: see
+kernels/reference/hylra.py.
+
+Parameters (plan.params):
+  topk_tokens   2048   token budget per query tile, sinks and recent blocks included (rounded up to blocks)
+  sink_blocks   1      first blocks always kept
+  recent_blocks 4      most recent blocks always kept, counting the query's own block (>= 1)
+  per_head      false  each query head selects for itself instead of one selection per GQA group
+  head_reduce   "max"  how a GQA group's per-head block scores combine: "max" or "sum"
+  prefill_tile  64     query tokens per selection tile in prefill
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import AttentionMetadata, BackendError, LayerCache, StepState
+from .dense import DenseBackend, resolve_impl
+from .plan import AttentionPlan
+from .reference import dense as ref_dense
+from .reference import hylra as ref
+
+DEFAULT_PARAMS: dict[str, Any] = {
+    "topk_tokens": 2048,
+    "sink_blocks": 1,
+    "recent_blocks": 4,
+    "per_head": False,
+    "head_reduce": "max",
+    "prefill_tile": 64,
+}
+
+
+def _int_param(params: dict, name: str, minimum: int) -> int:
+    value = params[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BackendError(f"hylra: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def validate_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """Defaults filled in; a BackendError naming the first bad or unknown parameter."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
+    if unknown:
+        raise BackendError(f"hylra: unknown parameter(s) {', '.join(unknown)} "
+                           f"(known: {', '.join(DEFAULT_PARAMS)})")
+    out = {**DEFAULT_PARAMS, **params}
+    _int_param(out, "topk_tokens", 1)
+    _int_param(out, "sink_blocks", 0)
+    _int_param(out, "recent_blocks", 1)
+    _int_param(out, "prefill_tile", 1)
+    if not isinstance(out["per_head"], bool):
+        raise BackendError(f"hylra: per_head must be true or false, got {out['per_head']!r}")
+    if out["head_reduce"] not in ("max", "sum"):
+        raise BackendError(f"hylra: head_reduce must be 'max' or 'sum', got {out['head_reduce']!r}")
+    return out
+
+
+class HyLRABackend:
+    name = "hylra"
+
+    def __init__(self, plan: AttentionPlan, impl: str = "auto"):
+        if impl not in ("auto", "torch", "triton"):
+            raise BackendError(f"hylra: impl must be 'auto', 'torch' or 'triton', not {impl!r}")
+        plan.validate()
+        self.plan = plan
+        self.impl = impl
+        self.params = validate_params(plan.params)
+        self._dense = DenseBackend(impl)
+
+    def aux_specs(self, num_kv_heads: int, head_dim: int) -> dict:
+        # Per block and KV head, the elementwise min and max of its keys (cache dtype: min/max are exact).
+        return {"kmin": ((num_kv_heads, head_dim), None), "kmax": ((num_kv_heads, head_dim), None)}
+
+    def _selection_params(self) -> dict[str, Any]:
+        p = self.params
+        return {k: p[k] for k in ("topk_tokens", "sink_blocks", "recent_blocks", "per_head", "head_reduce",
+                                  "prefill_tile")}
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
+                meta: AttentionMetadata, state: StepState) -> torch.Tensor:
+        if not 0 <= layer_idx < len(self.plan.layers):
+            raise BackendError(f"hylra: layer {layer_idx} is outside the plan's {len(self.plan.layers)} layers")
+        if "kmin" not in cache.aux or "kmax" not in cache.aux:
+            raise BackendError("hylra: the layer cache lacks the kmin/kmax aux tables (allocate with aux_specs)")
+        if q.shape[1] % k.shape[1] != 0:
+            raise BackendError(f"hylra: {q.shape[1]} query heads do not split into {k.shape[1]} KV groups")
+        layer = self.plan.layers[layer_idx]
+        if layer.mode == "full":
+            return self._dense.forward(layer_idx, q, k, v, cache, meta, state)
+        use_triton = resolve_impl(self.impl, q.device) == "triton"
+        if use_triton:
+            from .triton import hylra as kern  # lazily: CPU-only installs never import triton
+        else:
+            kern = ref
+        ref_dense.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
+        kern.update_block_bounds(cache.k, cache.aux["kmin"], cache.aux["kmax"], meta.slot_mapping)
+
+        if layer.mode == "compute":
+            selection = kern.select(q, cache.aux["kmin"], cache.aux["kmax"], meta, **self._selection_params())
+            state.selections[layer_idx] = selection
+        else:
+            selection = state.selections.get(layer.source)
+            if not isinstance(selection, ref.HyLRASelection):
+                raise BackendError(f"hylra: layer {layer_idx} reuses layer {layer.source}'s selection, but that "
+                                   "layer made none in this forward pass")
+            if selection.per_head and selection.blocks.shape[1] != q.shape[1]:
+                raise BackendError(f"hylra: layer {layer_idx} has {q.shape[1]} query heads but its source "
+                                   f"selected for {selection.blocks.shape[1]}")
+        return kern.attend(q, cache.k, cache.v, meta, selection)
+
+    def free_sequence(self, seq_id: int) -> None:
+        pass  # no per-sequence state: the aux tables live with the cache blocks
