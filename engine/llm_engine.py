@@ -160,6 +160,8 @@ class LLMEngine:
         self.scheduler.remove(seq)
         self.backend.free_sequence(seq.seq_id)
         seq.status = SeqStatus.FINISHED
+        if seq.detokenizer is not None:
+            seq.detokenizer.finish()
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
 
@@ -221,10 +223,7 @@ class LLMEngine:
         outs = []
         for seq in request.seqs:
             token_ids = seq.output_token_ids
-            if seq.detokenizer is not None:
-                text = seq.detokenizer.text if seq.is_finished else seq.detokenizer.emittable_text
-            else:
-                text = ""
+            text = seq.detokenizer.emittable_text if seq.detokenizer is not None else ""
             want_logprobs = request.params.logprobs is not None
             outs.append(CompletionOutput(seq.index, text, list(token_ids), seq.finish_reason, seq.stop_reason,
                                          list(seq.logprobs) if want_logprobs else None,
