@@ -101,6 +101,10 @@ class HyLRABackend:
         use_triton = resolve_impl(self.impl, q.device) == "triton"
         if use_triton:
             from .triton import hylra as kern  # lazily: CPU-only installs never import triton
+            try:
+                kern.check_block_size(meta.block_size)
+            except ValueError as e:
+                raise BackendError(f"hylra: {e} (or use impl='torch')") from None
         else:
             kern = ref
         ref_dense.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)

@@ -50,6 +50,7 @@ class HyLRASelection:
     blocks: torch.Tensor  # [num_tiles, num_sel_heads, max_selected] int64 (int32 on the Triton path)
     per_head: bool
     block_size: int
+    device_tiles: dict | None = None  # Triton path: tile descriptors already on the device (for REUSE layers)
 
 
 def make_tiles(meta: AttentionMetadata, prefill_tile: int) -> list[Tile]:
