@@ -127,12 +127,18 @@ class Sampler:
         vocabulary). Ids outside [0, vocab_size) (tokenizer entries the model head lacks) also go there.
 
         Python lists are padded on the CPU and copied once; tensors (cached prompts) are padded where they are."""
-        tensors = [s if isinstance(s, torch.Tensor) else torch.as_tensor(s, dtype=torch.long) for s in id_seqs]
-        tensors = [t.to(device=device, dtype=torch.long).reshape(-1) for t in tensors]
+        if any(isinstance(s, torch.Tensor) for s in id_seqs):
+            where = device
+            tensors = [s.to(device=device, dtype=torch.long).reshape(-1) if isinstance(s, torch.Tensor)
+                       else torch.as_tensor(s, dtype=torch.long, device=device) for s in id_seqs]
+        else:
+            where = torch.device("cpu")
+            tensors = [torch.as_tensor(s, dtype=torch.long) for s in id_seqs]
         if all(t.numel() == 0 for t in tensors):
             return torch.full((len(tensors), 1), vocab_size, dtype=torch.long, device=device)
         padded = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=vocab_size)
-        return torch.where((padded >= 0) & (padded < vocab_size), padded, vocab_size)
+        padded = torch.where((padded >= 0) & (padded < vocab_size), padded, vocab_size)
+        return padded if where == device else padded.to(device)
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         vocab_size = logits.shape[1]
@@ -192,8 +198,12 @@ class Sampler:
 
         top_k = [r.params.top_k if 0 < r.params.top_k < vocab_size else vocab_size for r in rows]
         top_p = [r.params.top_p for r in rows]
-        if any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p):
-            scaled = self._apply_top_k_top_p(scaled, top_k, top_p)
+        truncated = [i for i in range(len(rows)) if top_k[i] < vocab_size or top_p[i] < 1.0]
+        if truncated:
+            index = torch.tensor(truncated, device=device)
+            cut = self._apply_top_k_top_p(scaled.index_select(0, index), [top_k[i] for i in truncated],
+                                          [top_p[i] for i in truncated])
+            scaled.index_copy_(0, index, cut)
 
         min_p = [r.params.min_p for r in rows]
         if any(p > 0.0 for p in min_p):
@@ -206,10 +216,18 @@ class Sampler:
 
     @staticmethod
     def _apply_top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+        """-inf outside each row's top-k, then outside the smallest prefix of the rest whose mass reaches top_p.
+
+        Only the best max(top_k) candidates of each row are ranked (torch.topk) when every row has a top-k: top-p
+        applies after top-k, so nothing beyond them can survive. A full sort is needed only for top-p alone."""
         device = scaled.device
         vocab_size = scaled.shape[1]
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        rank = torch.arange(vocab_size, device=device).unsqueeze(0)
+        candidates = max(top_k)  # == vocab_size when some row has no top-k
+        if candidates < vocab_size:
+            sorted_logits, order = scaled.topk(candidates, dim=-1, sorted=True)
+        else:
+            sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        rank = torch.arange(candidates, device=device).unsqueeze(0)
         drop = rank >= torch.tensor(top_k, device=device).unsqueeze(1)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
 

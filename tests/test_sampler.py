@@ -252,3 +252,14 @@ def test_half_precision_logits_are_upcast():
     assert result.token_ids == [1]
     expected = torch.log_softmax(logits.float(), -1)[0, 1].item()
     assert math.isclose(result.logprobs[0], expected, abs_tol=1e-6)
+
+
+def test_rows_with_different_truncations_in_one_batch():
+    generator = make_generator(11)
+    configs = [SamplingParams(), SamplingParams(top_k=2), SamplingParams(top_p=0.7), SamplingParams(top_k=4, min_p=0.3)]
+    per = 400
+    rows = [SamplingRow(p, generator) for p in configs for _ in range(per)]
+    tokens = sampler(LOGITS.expand(len(rows), -1), rows).token_ids
+    supports = [set(tokens[i * per:(i + 1) * per]) for i in range(len(configs))]
+    # min_p 0.3 after top_k=4: threshold .3 * .40 = .12 keeps tokens 0, 1, 2
+    assert supports == [set(range(len(PROBS))), {0, 1}, {0, 1, 2}, {0, 1, 2}]
