@@ -204,15 +204,16 @@ class LLMEngine:
         if metrics.first_token_time is None:
             metrics.first_token_time = now
         metrics.last_token_time = now
-        if seq.detokenizer is not None:
-            seq.detokenizer.append(token)
         n_out = seq.num_output_tokens
         if n_out >= params.min_tokens:
+            # A stop token ends the output without its own text appearing in it.
             if not params.ignore_eos and token in self.eos_token_ids:
                 return self._finish(seq, "stop", token if token in params.stop_token_ids else None)
             if token in params.stop_token_ids:
                 return self._finish(seq, "stop", token)
-            if seq.detokenizer is not None and seq.detokenizer.stopped_by is not None:
+        if seq.detokenizer is not None:
+            seq.detokenizer.append(token)
+            if seq.detokenizer.stopped_by is not None:
                 return self._finish(seq, "stop", seq.detokenizer.stopped_by)
         if params.max_tokens is not None and n_out >= params.max_tokens:
             return self._finish(seq, "length")
