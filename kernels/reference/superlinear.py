@@ -1,0 +1,403 @@
+"""PyTorch reference for superlinear span attention (arXiv 2601.18401, N = 2): span search + span attention.
+
+Notation (see docs/superlinear.md): a query at absolute position q has t = q + 1; p = search_power,
+ps = span_power, b = backward_factor, f = forward_factor, k = num_spans.
+
+- Stripe offsets off(s) = floor(s^(1/p)) (exact integer powers when 1/p is an integer). The query
+  searches stripes s = sw_index + 1 .. floor(t^p), anchor a_s = q - off(s) + 1 = t - off(s). Since t is an
+  integer, s <= t^p  <=>  t >= need(s) = ceil(s^(1/p)), so validity is decided on integers from a table
+  of need(s) (no rounding of t^p); need(s) >= off(s) makes a_s >= 0 automatic.
+- Local window W = off(sw_index + 1) - 1 keys [q - W + 1, q] (clamped at 0). A query without a valid
+  stripe (q small) gets plain causal attention: its window is widened to [0, q].
+- Span of anchor a: [max(0, a - ceil(b t^ps)), min(a + ceil(f t^ps), q, sw_start - 1)] (inclusive).
+- Search: "anchor" scores a span by q_search . K[a]; "summary" by the largest Quest upper bound of q . k
+  over the key blocks the span touches. Top-k spans per query head (ties: the smaller stripe first).
+- Combine: "gate" = sum_j softmax(scores)_j * attention(span_j + window); "union" = attention over the
+  union of the selected spans and the window, each key once.
+
+This module is the oracle for the Triton kernels and the engine's CPU path. Everything is vectorised over
+heads, queries and stripes; queries are processed in tiles only to bound memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..base import BackendError
+
+COMBINES = ("gate", "union")
+SEARCHES = ("anchor", "summary")
+
+# Keep the largest [.., q_tile, keys] tensors under about this many elements.
+_MAX_TILE_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class SpanParams:
+    sw_index: int = 63
+    num_spans: int = 3
+    backward_factor: float = 2.0
+    forward_factor: float = 1.0
+    search_power: float = 0.5
+    span_power: float = 0.5
+    combine: str = "gate"
+    search: str = "anchor"
+
+    def __post_init__(self) -> None:
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise BackendError(f"superlinear: {name} must be a finite number, got {value!r}")
+            return float(value)
+
+        for name in ("sw_index", "num_spans"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BackendError(f"superlinear: {name} must be an integer, got {value!r}")
+        if self.sw_index < 0:
+            raise BackendError(f"superlinear: sw_index must be >= 0, got {self.sw_index}")
+        if self.num_spans < 1:
+            raise BackendError(f"superlinear: num_spans must be >= 1, got {self.num_spans}")
+        for name in ("search_power", "span_power"):
+            if not 0.0 < number(name) < 1.0:
+                raise BackendError(f"superlinear: {name} must lie strictly between 0 and 1, got {getattr(self, name)!r}")
+        for name in ("backward_factor", "forward_factor"):
+            if number(name) < 0.0:
+                raise BackendError(f"superlinear: {name} must be >= 0, got {getattr(self, name)!r}")
+        if self.combine not in COMBINES:
+            raise BackendError(f"superlinear: combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
+        if self.search not in SEARCHES:
+            raise BackendError(f"superlinear: search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @property
+    def first_stripe(self) -> int:
+        return self.sw_index + 1
+
+    @property
+    def window(self) -> int:
+        """W: the local window covers keys [q - W + 1, q]."""
+        return stripe_offset(self.first_stripe, self.search_power) - 1
+
+    @property
+    def structurally_complete(self) -> bool:
+        """The paper's sufficient condition for structural non-exclusion (every earlier key in some
+        candidate span or the window): p + ps >= 1 and b >= 1/p."""
+        return self.search_power + self.span_power >= 1.0 and self.backward_factor >= 1.0 / self.search_power
+
+
+# ----------------------------------------------------------------------------------------- geometry
+
+def inverse_integer(power: float) -> int | None:
+    """n when power == 1/n for an integer n (then powers are computed exactly in integers)."""
+    n = round(1.0 / power)
+    return n if n >= 1 and abs(1.0 / power - n) < 1e-9 else None
+
+
+def stripe_offset(s: int, search_power: float) -> int:
+    """off(s) = floor(s^(1/p)): the anchor of stripe s sits off(s) - 1 keys before the query."""
+    n = inverse_integer(search_power)
+    return s ** n if n is not None else math.floor(s ** (1.0 / search_power))
+
+
+def stripe_need(s: int, search_power: float) -> int:
+    """ceil(s^(1/p)): the smallest t = q + 1 with s <= t^p, i.e. for which stripe s is searched."""
+    n = inverse_integer(search_power)
+    return s ** n if n is not None else math.ceil(s ** (1.0 / search_power))
+
+
+@functools.lru_cache(maxsize=64)
+def _stripe_lists(search_power: float, max_t: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    offs, needs = [0], [0]
+    s = 1
+    while stripe_need(s, search_power) <= max_t:
+        offs.append(stripe_offset(s, search_power))
+        needs.append(stripe_need(s, search_power))
+        s += 1
+    return tuple(offs), tuple(needs)
+
+
+def _bucket(max_t: int) -> int:
+    """max_t rounded up to a power of two, so tables are shared across decode steps."""
+    return max(1, 1 << max(0, int(max_t) - 1).bit_length())
+
+
+def stripe_table(search_power: float, max_t: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[2, n] int64: row 0 off(s) = floor(s^(1/p)), row 1 need(s) = ceil(s^(1/p)), for stripes
+    s = 0 .. n-1 with need(s) <= max_t (rounded up to a power of two). Stripe s is valid for t = q + 1
+    iff s >= sw_index + 1 and need(s) <= t (that is s <= t^p; then a_s = t - off(s) >= 0 too)."""
+    offs, needs = _stripe_lists(float(search_power), _bucket(max_t))
+    return torch.tensor([offs, needs], dtype=torch.int64, device=device)
+
+
+def num_valid_stripes(t: int, params: SpanParams) -> int:
+    """How many stripes a query with t = q + 1 searches: s = sw_index+1 .. floor(t^p)."""
+    _, needs = _stripe_lists(float(params.search_power), _bucket(t))
+    last = bisect.bisect_right(needs, t) - 1  # ceil(s^(1/p)) strictly increases with s (1/p > 1)
+    return max(0, last - params.sw_index)
+
+
+def span_reach(t: torch.Tensor, power: float, factor: float) -> torch.Tensor:
+    """ceil(factor * t^power) for an integer tensor t (int64 result), with exact roots when power = 1/n."""
+    tf = t.to(torch.float64)
+    root = torch.sqrt(tf) if power == 0.5 else tf.pow(power)
+    n = inverse_integer(power)
+    if n is not None:  # t a perfect n-th power: use the exact integer root so ceil() sees an exact value
+        r = torch.round(root)
+        root = torch.where(r.pow(n) == tf, r, root)
+    return torch.ceil(factor * root).to(torch.int64)
+
+
+@dataclass
+class SpanGeometry:
+    """Per query (leading shape [M]) and stripe (trailing [S]): everything the search needs."""
+
+    anchors: torch.Tensor  # [M, S] int64, anchor position (may be < 0: invalid)
+    valid: torch.Tensor  # [M, S] bool
+    starts: torch.Tensor  # [M, S] int64, first key of the span (inclusive)
+    ends: torch.Tensor  # [M, S] int64, last key of the span (inclusive)
+    sw_start: torch.Tensor  # [M] int64, first key of the local window
+
+
+def span_geometry(positions: torch.Tensor, params: SpanParams, num_stripes: int) -> SpanGeometry:
+    """Anchors and spans of stripes first_stripe .. first_stripe + num_stripes - 1 for queries at positions."""
+    pos = positions.to(torch.int64)
+    t = pos + 1
+    table = stripe_table(params.search_power, int(t.max()) if t.numel() else 1, pos.device)
+    s = torch.arange(params.first_stripe, params.first_stripe + num_stripes, device=pos.device)
+    in_table = s < table.shape[1]
+    s_off = table[0, s.clamp_max(table.shape[1] - 1)]
+    s_need = torch.where(in_table, table[1, s.clamp_max(table.shape[1] - 1)], torch.full_like(s, 1 << 62))
+    anchors = t[:, None] - s_off[None, :]
+    valid = s_need[None, :] <= t[:, None]
+    # A query without any valid stripe gets plain causal attention: its "window" starts at key 0.
+    sw_start = torch.where(valid.any(1), (pos - params.window + 1).clamp_min(0), torch.zeros_like(pos))
+    back = span_reach(t, params.span_power, params.backward_factor)
+    fwd = span_reach(t, params.span_power, params.forward_factor)
+    starts = (anchors - back[:, None]).clamp_min(0)
+    ends = torch.minimum(anchors + fwd[:, None], torch.minimum(pos, sw_start - 1)[:, None])
+    return SpanGeometry(anchors, valid, starts, ends, sw_start)
+
+
+# ------------------------------------------------------------------------------------------- search
+
+def block_bounds(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block elementwise min and max of keys k [Hkv, N, D] over blocks of block_size keys (the last
+    block may be partial): ([Hkv, nb, D], [Hkv, nb, D])."""
+    hkv, n, d = k.shape
+    nb = (n + block_size - 1) // block_size
+    pad = nb * block_size - n
+    kf = k.float() if k.dtype != torch.float64 else k
+    lo = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("inf")).view(hkv, nb, block_size, d).amin(2)
+    hi = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("-inf")).view(hkv, nb, block_size, d).amax(2)
+    return lo, hi
+
+
+def block_upper_bounds(qs: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Quest bound max_{k in block} q.k <= sum_d max(q_d kmin_d, q_d kmax_d) = q.c + |q|.r with
+    c = (kmin + kmax) / 2, r = (kmax - kmin) / 2. qs [Hq, M, D], kmin/kmax [Hkv, nb, D] -> [Hq, M, nb]."""
+    hq, m, d = qs.shape
+    hkv = kmin.shape[0]
+    g = hq // hkv
+    center = (kmin + kmax) * 0.5
+    radius = (kmax - kmin) * 0.5
+    qg = qs.reshape(hkv, g * m, d)
+    ub = torch.bmm(qg, center.transpose(1, 2)) + torch.bmm(qg.abs(), radius.transpose(1, 2))
+    return ub.reshape(hq, m, -1)
+
+
+def range_max(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """max(values[..., lo:hi+1]) along the last axis for index tensors lo/hi [..., S] (same leading shape
+    as values), via a sparse table (log2 levels of doubling maxima)."""
+    n = values.shape[-1]
+    levels = [values]
+    width = 1
+    while 2 * width <= n:
+        prev = levels[-1]
+        shifted = torch.nn.functional.pad(prev[..., width:], (0, width), value=float("-inf"))
+        levels.append(torch.maximum(prev, shifted))
+        width *= 2
+    table = torch.stack(levels)  # [levels, ..., n]
+    length = (hi - lo + 1).clamp_min(1)
+    level = torch.floor(torch.log2(length.to(torch.float64))).to(torch.int64)
+    level = torch.where((1 << (level + 1)) <= length, level + 1, level)  # guard log2 rounding
+    level = torch.where((1 << level) > length, level - 1, level).clamp(0, len(levels) - 1)
+    lo_c = lo.clamp(0, n - 1)
+    hi_start = (hi - (1 << level) + 1).clamp(0, n - 1)
+    flat = table.reshape(len(levels), -1, n)
+    lead = flat.shape[1]
+    idx_level = level.reshape(lead, -1)
+    rows = torch.arange(lead, device=values.device)[:, None].expand_as(idx_level)
+    a = flat[idx_level, rows, lo_c.reshape(lead, -1)]
+    b = flat[idx_level, rows, hi_start.reshape(lead, -1)]
+    return torch.maximum(a, b).reshape(lo.shape)
+
+
+def search_scores(qs: torch.Tensor, k: torch.Tensor, geom: SpanGeometry, params: SpanParams, *,
+                  bounds: tuple[torch.Tensor, torch.Tensor] | None, block_size: int) -> torch.Tensor:
+    """Search score of every (query head, query, stripe): [Hq, M, S] (-inf where the stripe is invalid).
+
+    qs [Hq, M, D], k [Hkv, N, D]. Anchor search: raw qs . K[anchor]. Summary search: max over the blocks
+    the span touches of the Quest bound (bounds = per-block (kmin, kmax) [Hkv, nb, D])."""
+    hq, m, d = qs.shape
+    hkv = k.shape[0]
+    g = hq // hkv
+    acc = torch.float64 if qs.dtype == torch.float64 else torch.float32
+    qf = qs.to(acc)
+    if params.search == "anchor":
+        keys = k[:, geom.anchors.clamp_min(0)].to(acc)  # [Hkv, M, S, D]
+        scores = torch.einsum("hgmd,hmsd->hgms", qf.view(hkv, g, m, d), keys).reshape(hq, m, -1)
+    else:
+        if bounds is None:
+            bounds = block_bounds(k, block_size)
+        kmin, kmax = (b.to(acc) for b in bounds)
+        ub = block_upper_bounds(qf, kmin, kmax)  # [Hq, M, nb]
+        lo = (geom.starts // block_size)[None].expand(hq, -1, -1)
+        hi = (geom.ends.clamp_min(0) // block_size)[None].expand(hq, -1, -1)
+        scores = range_max(ub, lo, hi)
+    return scores.masked_fill(~geom.valid[None], float("-inf"))
+
+
+@dataclass
+class Selection:
+    """The top-k spans of each (query head, query): [Hq, M, K] each (K = min(num_spans, stripes))."""
+
+    stripes: torch.Tensor  # int64 stripe number (s), meaningful where valid
+    scores: torch.Tensor  # search score (-inf where invalid)
+    valid: torch.Tensor  # bool
+    starts: torch.Tensor  # int64 first key (inclusive)
+    ends: torch.Tensor  # int64 last key (inclusive)
+
+
+def select_spans(qs: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, params: SpanParams, *,
+                 bounds: tuple[torch.Tensor, torch.Tensor] | None = None, block_size: int = 64,
+                 ) -> tuple[Selection, torch.Tensor]:
+    """Span search for queries qs [Hq, M, D] at positions [M] over keys k [Hkv, N, D]. Returns the
+    selection and the window starts [M]."""
+    m = positions.shape[0]
+    t_max = int(positions.max()) + 1 if m else 1
+    num_stripes = max(num_valid_stripes(t_max, params), 1)
+    geom = span_geometry(positions, params, num_stripes)
+    scores = search_scores(qs, k, geom, params, bounds=bounds, block_size=block_size)
+    kk = min(params.num_spans, num_stripes)
+    # Ties (common with summary search: neighbouring spans share their best block) go to the smaller
+    # stripe, i.e. the anchor nearer the query: a stable descending sort keeps that order.
+    top, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
+    top, idx = top[..., :kk], idx[..., :kk]  # [Hq, M, K]
+    hq = qs.shape[0]
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return torch.gather(x[None].expand(hq, -1, -1), 2, idx)
+
+    sel = Selection(stripes=idx + params.first_stripe, scores=top, valid=torch.isfinite(top),
+                    starts=pick(geom.starts), ends=pick(geom.ends))
+    return sel, geom.sw_start
+
+
+# ---------------------------------------------------------------------------------------- attention
+
+def _masked_attention(scores: torch.Tensor, mask: torch.Tensor, v: torch.Tensor, hkv: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scores masked) @ v. scores [Hq, M, N], mask broadcastable, v [Hkv, N, D].
+    Returns out [Hq, M, D] and lse [Hq, M]."""
+    hq, m, n = scores.shape
+    s = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    probs = torch.nan_to_num(torch.exp(s - lse.unsqueeze(-1)), nan=0.0)
+    out = torch.bmm(probs.reshape(hkv, (hq // hkv) * m, n), v.to(probs.dtype)).reshape(hq, m, -1)
+    return out, lse
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, sel: Selection,
+           sw_start: torch.Tensor, combine: str, scale: float) -> torch.Tensor:
+    """Span attention of q [Hq, M, D] given the selection. Keys k/v [Hkv, N, D] at positions 0..N-1.
+    Returns [Hq, M, D] in the accumulation dtype (float32, or float64 for float64 inputs)."""
+    hq, m, d = q.shape
+    hkv, n = k.shape[0], k.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    key = torch.arange(n, device=q.device)
+    pos = positions.to(torch.int64)
+    window = ((key[None, :] >= sw_start[:, None]) & (key[None, :] <= pos[:, None]))[None]  # [1, M, N]
+    in_span = (sel.valid[..., None] & (key >= sel.starts[..., None]) & (key <= sel.ends[..., None]))  # [Hq,M,K,N]
+    qf = q.to(acc).reshape(hkv, (hq // hkv) * m, d)
+    scores = torch.bmm(qf, k.to(acc).transpose(1, 2)).reshape(hq, m, n) * scale
+    if combine == "union":
+        out, _ = _masked_attention(scores, window | in_span.any(2), v, hkv)
+        return out
+    # gate: each span attends together with the window; outputs mixed by softmax over the search scores.
+    gates = torch.softmax(sel.scores, dim=-1)
+    any_span = sel.valid.any(-1)
+    gates = torch.where(any_span[..., None], gates, torch.zeros_like(gates))
+    out = torch.zeros(hq, m, v.shape[2], dtype=acc, device=q.device)
+    for j in range(sel.valid.shape[-1]):  # num_spans (small): one masked attention per span slot
+        o_j, _ = _masked_attention(scores, window | in_span[:, :, j], v, hkv)
+        out += gates[..., j, None] * o_j
+    o_w, _ = _masked_attention(scores, window, v, hkv)  # queries without any valid stripe: the window
+    return torch.where(any_span[..., None], out, o_w)
+
+
+def span_attention_single(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                          params: SpanParams, *, q_search: torch.Tensor | None = None,
+                          bounds: tuple[torch.Tensor, torch.Tensor] | None = None, block_size: int = 64,
+                          scale: float | None = None) -> torch.Tensor:
+    """One sequence: q [Hq, M, D] at positions [M], keys/values [Hkv, N, D]. Returns [Hq, M, D] (q dtype).
+
+    bounds: per-block (kmin, kmax) [Hkv, ceil(N / block_size), D] for summary search (computed from k if
+    None). Queries are tiled so the [Hq, tile, K, N] masks stay bounded."""
+    hq, m, d = q.shape
+    n = k.shape[1]
+    if m == 0:
+        return q.new_empty(hq, 0, d)
+    scale = d ** -0.5 if scale is None else scale
+    qs = q if q_search is None else q_search
+    if params.search == "summary" and bounds is None:
+        bounds = block_bounds(k, block_size)
+    out = torch.empty(hq, m, d, dtype=q.dtype, device=q.device)
+    t_max = int(positions.max()) + 1
+    stripes = max(num_valid_stripes(t_max, params), 1)
+    per_query = hq * max(n * (params.num_spans + 2), stripes * (d + 8))
+    tile = max(1, _MAX_TILE_ELEMENTS // max(1, per_query))
+    for s in range(0, m, tile):
+        e = min(m, s + tile)
+        sel, sw_start = select_spans(qs[:, s:e], k, positions[s:e], params, bounds=bounds, block_size=block_size)
+        out[:, s:e] = attend(q[:, s:e], k, v, positions[s:e], sel, sw_start, params.combine, scale).to(q.dtype)
+    return out
+
+
+def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, params: SpanParams,
+                   *, q_search: torch.Tensor | None = None, block_size: int = 64) -> torch.Tensor:
+    """Batched contiguous form: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], positions [Lq] -> [B, Hq, Lq, D]."""
+    outs = []
+    for b in range(q.shape[0]):
+        qs = None if q_search is None else q_search[b]
+        outs.append(span_attention_single(q[b], k[b], v[b], positions, params, q_search=qs, block_size=block_size))
+    return torch.stack(outs)
+
+
+def uncovered_keys(position: int, params: SpanParams) -> list[tuple[int, int]]:
+    """The earlier keys of the query at `position` that lie neither in the window nor in ANY candidate
+    span, as inclusive (first, last) runs. Structural non-exclusion asks for an empty list."""
+    stripes = num_valid_stripes(position + 1, params)
+    sw_start = max(0, position - params.window + 1) if stripes else 0  # no stripe: plain causal attention
+    runs: list[tuple[int, int]] = []
+    if stripes:
+        geom = span_geometry(torch.tensor([position]), params, stripes)
+        runs = sorted(zip(geom.starts[0].tolist(), geom.ends[0].tolist()))
+    runs.append((sw_start, position))
+    gaps = []
+    covered_to = -1  # every key <= covered_to is covered
+    for first, last in sorted(runs):
+        if first > covered_to + 1:
+            gaps.append((covered_to + 1, first - 1))
+        covered_to = max(covered_to, last)
+    if covered_to < position:
+        gaps.append((covered_to + 1, position))
+    return gaps

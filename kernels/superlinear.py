@@ -1,0 +1,161 @@
+"""Superlinear span attention (arXiv 2601.18401): the functional entry point and the paged backend.
+
+`span_attention` works on contiguous tensors (tests, comparisons with other implementations);
+`SuperlinearBackend` is the engine's backend over the paged KV cache (decode and chunked prefill).
+The method, its formulas and its modes are described in docs/superlinear.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import AttentionMetadata, BackendError, LayerCache, StepState
+from .dense import resolve_impl
+from .reference import dense as dense_ref
+from .reference import superlinear as ref
+from .reference.superlinear import SpanParams
+
+# The engine's defaults for ordinary checkpoints (no trained search projection): summary search finds a
+# strong key anywhere in a span; union merges spans and window exactly.
+BACKEND_DEFAULTS = {"search": "summary", "combine": "union"}
+
+
+def make_params(values: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> SpanParams:
+    """SpanParams from a (JSON) dict; unknown names and bad values raise BackendError."""
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(SpanParams.names()))
+    if unknown:
+        raise BackendError(f"superlinear: unknown parameter {unknown[0]!r} "
+                           f"(expected some of {', '.join(SpanParams.names())}, impl)")
+    return SpanParams(**{**(defaults or {}), **values})
+
+
+def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
+                   q_search: torch.Tensor | None = None, sw_index: int = 63, num_spans: int = 3,
+                   backward_factor: float = 2.0, forward_factor: float = 1.0, search_power: float = 0.5,
+                   span_power: float = 0.5, combine: str = "gate", search: str = "anchor", impl: str = "auto",
+                   block_size: int = 64) -> torch.Tensor:
+    """Superlinear span attention on contiguous tensors.
+
+    q [B, Hq, Lq, D] (RoPE applied), k/v [B, Hkv, Lk, D] at key positions 0..Lk-1, positions [Lq] the
+    absolute positions of the queries (< Lk; each query sees keys <= its position). q_search (same shape
+    as q) is the search query of a checkpoint with a trained search projection; it defaults to q.
+    block_size is the key block of the summary search's min/max tables. Returns [B, Hq, Lq, D] in q's dtype.
+    """
+    params = SpanParams(sw_index=sw_index, num_spans=num_spans, backward_factor=backward_factor,
+                        forward_factor=forward_factor, search_power=search_power, span_power=span_power,
+                        combine=combine, search=search)
+    _check_contiguous_inputs(q, k, v, positions, q_search, block_size)
+    if resolve_impl(impl, q.device) == "triton":
+        from .triton import superlinear as tri  # lazily: CPU-only installs never import triton
+
+        return tri.span_attention_contiguous(q, k, v, positions, params, q_search=q_search, block_size=block_size)
+    return ref.span_attention(q, k, v, positions, params, q_search=q_search, block_size=block_size)
+
+
+def _check_contiguous_inputs(q, k, v, positions, q_search, block_size) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("span_attention: q, k, v must be 4-D ([B, H, L, D])")
+    if k.shape != v.shape:
+        raise ValueError(f"span_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"span_attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head_dim")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"span_attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
+    if positions.dim() != 1 or positions.shape[0] != q.shape[2]:
+        raise ValueError(f"span_attention: positions must be [Lq] = [{q.shape[2]}], got {tuple(positions.shape)}")
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= k.shape[2]):
+        raise ValueError(f"span_attention: positions must lie in [0, Lk) = [0, {k.shape[2]})")
+    if q_search is not None and q_search.shape != q.shape:
+        raise ValueError(f"span_attention: q_search {tuple(q_search.shape)} must have q's shape {tuple(q.shape)}")
+    if block_size < 1:
+        raise ValueError("span_attention: block_size must be >= 1")
+
+
+# ------------------------------------------------------------------------------------ paged backend
+
+def update_block_bounds(cache: LayerCache, meta: AttentionMetadata) -> None:
+    """Refresh aux kmin/kmax of the blocks this step wrote (after the cache write), PyTorch version.
+
+    A block's bounds are recomputed from its filled slots [0, last offset written]: exact whatever the
+    block held before (freed blocks, preemption), and untouched blocks (shared prefixes) keep theirs."""
+    slots = meta.slot_mapping.to(torch.int64)
+    if slots.numel() == 0:
+        return
+    bs = cache.block_size
+    blocks = torch.div(slots, bs, rounding_mode="floor")
+    last = torch.ones_like(blocks, dtype=torch.bool)
+    last[:-1] = blocks[1:] != blocks[:-1]  # a sequence's step tokens fill its blocks in order
+    blk = blocks[last]
+    fill = (slots[last] % bs) + 1
+    keys = cache.k[blk].float()  # [L, Hkv, bs, D]
+    filled = (torch.arange(bs, device=slots.device)[None, :] < fill[:, None])[:, None, :, None]
+    cache.aux["kmin"][blk] = keys.masked_fill(~filled, float("inf")).amin(2).to(cache.aux["kmin"].dtype)
+    cache.aux["kmax"][blk] = keys.masked_fill(~filled, float("-inf")).amax(2).to(cache.aux["kmax"].dtype)
+
+
+def gather_block_bounds(cache: LayerCache, block_table: torch.Tensor, context_len: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's per-block bounds as ([Hkv, nb, D], [Hkv, nb, D])."""
+    nb = (context_len + cache.block_size - 1) // cache.block_size
+    ids = block_table[:nb].long()
+    return cache.aux["kmin"][ids].transpose(0, 1), cache.aux["kmax"][ids].transpose(0, 1)
+
+
+class SuperlinearBackend:
+    """Span search + span attention over the paged cache. plan.params: the keyword arguments of
+    span_attention (sw_index, num_spans, backward_factor, forward_factor, search_power, span_power,
+    combine, search) plus impl; defaults as span_attention except search="summary", combine="union"."""
+
+    name = "superlinear"
+
+    def __init__(self, plan: Any = None, impl: str = "auto"):
+        raw = dict(getattr(plan, "params", None) or {})
+        impl = raw.pop("impl", impl)
+        if impl not in ("auto", "torch", "triton"):
+            raise BackendError(f"superlinear: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+        self.impl = impl
+        self.params = make_params(raw, BACKEND_DEFAULTS)
+
+    def aux_specs(self, num_kv_heads: int, head_dim: int) -> dict:
+        if self.params.search != "summary":
+            return {}
+        return {"kmin": ((num_kv_heads, head_dim), None), "kmax": ((num_kv_heads, head_dim), None)}
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
+                meta: AttentionMetadata, state: StepState) -> torch.Tensor:
+        if self.params.search == "summary" and self.params.window + 1 < cache.block_size:
+            # Otherwise the block holding a span's last key could hold keys after the query.
+            raise BackendError(f"superlinear: summary search needs a window of at least block_size - 1 = "
+                               f"{cache.block_size - 1} keys (sw_index {self.params.sw_index} gives {self.params.window})")
+        if resolve_impl(self.impl, q.device) == "triton":
+            from .triton import superlinear as tri
+
+            return tri.paged_forward(q, k, v, cache, meta, self.params)
+        dense_ref.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
+        if self.params.search == "summary":
+            update_block_bounds(cache, meta)
+        return paged_reference(q, cache, meta, self.params)
+
+    def free_sequence(self, seq_id: int) -> None:
+        pass  # no per-sequence state: everything lives in the cache and its aux tables
+
+
+def paged_reference(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, params: SpanParams) -> torch.Tensor:
+    """Span attention of every step token over its sequence's paged cache (already written)."""
+    out = torch.empty_like(q)
+    for i in range(meta.num_seqs):
+        sl = meta.query_slice(i)
+        if sl.stop == sl.start:
+            continue
+        ctx = meta.context_lens_cpu[i]
+        table = meta.block_tables[i]
+        keys = dense_ref.gather_kv(cache.k, table, ctx)
+        values = dense_ref.gather_kv(cache.v, table, ctx)
+        bounds = gather_block_bounds(cache, table, ctx) if params.search == "summary" else None
+        o = ref.span_attention_single(q[sl].transpose(0, 1), keys, values, meta.positions[sl], params,
+                                      bounds=bounds, block_size=cache.block_size)
+        out[sl] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,333 @@
+"""Superlinear span attention: the reference against a brute force built from the published formulas, its
+properties (dense below the window, structural non-exclusion, needles), the paged backend, the Triton
+kernels (interpreter on CPU)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must be set before triton is imported anywhere
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from longserve.kernels.base import AttentionMetadata, BackendError, LayerCache, StepState  # noqa: E402
+from longserve.kernels.plan import AttentionPlan  # noqa: E402
+from longserve.kernels.reference import dense as dense_ref  # noqa: E402
+from longserve.kernels.reference import superlinear as ref  # noqa: E402
+from longserve.kernels.superlinear import SuperlinearBackend, span_attention  # noqa: E402
+
+# ------------------------------------------------------------------ brute force, straight from the formulas
+
+
+def _int_root_floor(x: int, n: int) -> int:
+    r = int(round(x ** (1.0 / n)))
+    while r ** n > x:
+        r -= 1
+    while (r + 1) ** n <= x:
+        r += 1
+    return r
+
+
+def _pow_floor(x: int, p: float) -> int:
+    """floor(x^p), exact when p = 1/n."""
+    n = round(1 / p)
+    if abs(1 / p - n) < 1e-9:
+        return _int_root_floor(x, n)
+    return math.floor(x ** p)
+
+
+def _inv_pow_floor(s: int, p: float) -> int:
+    """floor(s^(1/p)), exact when p = 1/n."""
+    n = round(1 / p)
+    if abs(1 / p - n) < 1e-9:
+        return s ** n
+    return math.floor(s ** (1 / p))
+
+
+def _pow_ceil_times(x: int, p: float, factor: float) -> int:
+    """ceil(factor * x^p), with the exact root when x is a perfect power."""
+    n = round(1 / p)
+    root = x ** p
+    if abs(1 / p - n) < 1e-9 and _int_root_floor(x, n) ** n == x:
+        root = _int_root_floor(x, n)
+    return math.ceil(factor * root)
+
+
+def _softmax_attend(qv, keys, values, idx, scale):
+    """Softmax attention of one query vector over the key positions in idx (a set)."""
+    idx = sorted(idx)
+    s = torch.stack([qv @ keys[j] for j in idx]) * scale
+    w = torch.softmax(s, 0)
+    return sum(w[i] * values[j] for i, j in enumerate(idx))
+
+
+def brute_force(q, k, v, positions, *, q_search=None, sw_index, num_spans, backward_factor, forward_factor,
+                search_power, span_power, combine, search, block_size=64):
+    """Loop over batch, query head and query; everything computed from the issue's formulas in float64."""
+    bsz, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    qs_all = q if q_search is None else q_search
+    q, k, v, qs_all = q.double(), k.double(), v.double(), qs_all.double()
+    p, ps = search_power, span_power
+    window = _inv_pow_floor(sw_index + 1, p) - 1
+    scale = 1 / math.sqrt(d)
+    out = torch.zeros(bsz, hq, lq, d, dtype=torch.float64)
+    for b in range(bsz):
+        for h in range(hq):
+            kh = h // group
+            keys, values = k[b, kh], v[b, kh]
+            if search == "summary":
+                nb = (lk + block_size - 1) // block_size
+                kmin = [keys[i * block_size:(i + 1) * block_size].min(0).values for i in range(nb)]
+                kmax = [keys[i * block_size:(i + 1) * block_size].max(0).values for i in range(nb)]
+            for i in range(lq):
+                qpos = int(positions[i])
+                t = qpos + 1
+                qv, qsv = q[b, h, i], qs_all[b, h, i]
+                sw_start = max(0, qpos - window + 1)
+                window_keys = set(range(sw_start, qpos + 1))
+                cands = []  # (score, start, end)
+                for s in range(sw_index + 1, _pow_floor(t, p) + 1):
+                    a = qpos - _inv_pow_floor(s, p) + 1
+                    if a < 0:
+                        continue
+                    start = max(0, a - _pow_ceil_times(t, ps, backward_factor))
+                    end = min(a + _pow_ceil_times(t, ps, forward_factor), qpos, sw_start - 1)
+                    if search == "anchor":
+                        score = float(qsv @ keys[a])
+                    else:
+                        score = max(float(torch.maximum(qsv * kmin[blk], qsv * kmax[blk]).sum())
+                                    for blk in range(start // block_size, end // block_size + 1))
+                    cands.append((score, s, start, end))
+                if not cands:
+                    out[b, h, i] = _softmax_attend(qv, keys, values, range(qpos + 1), scale)
+                    continue
+                chosen = sorted(cands, key=lambda c: (-c[0], c[1]))[:num_spans]  # ties: nearer anchor
+                if combine == "union":
+                    keyset = set(window_keys)
+                    for _, _, start, end in chosen:
+                        keyset |= set(range(start, end + 1))
+                    out[b, h, i] = _softmax_attend(qv, keys, values, keyset, scale)
+                else:
+                    gates = torch.softmax(torch.tensor([c[0] for c in chosen], dtype=torch.float64), 0)
+                    for g, (_, _, start, end) in zip(gates, chosen):
+                        keyset = window_keys | set(range(start, end + 1))
+                        out[b, h, i] += g * _softmax_attend(qv, keys, values, keyset, scale)
+    return out
+
+
+PARAM_SETS = [
+    dict(sw_index=3, num_spans=3, backward_factor=2.0, forward_factor=1.0, search_power=0.5, span_power=0.5),
+    dict(sw_index=2, num_spans=2, backward_factor=3.0, forward_factor=0.5, search_power=0.55, span_power=0.55),
+    dict(sw_index=4, num_spans=5, backward_factor=1.5, forward_factor=0.0, search_power=0.5, span_power=0.6),
+    dict(sw_index=0, num_spans=1, backward_factor=2.0, forward_factor=1.0, search_power=0.5, span_power=0.5),
+    dict(sw_index=1, num_spans=4, backward_factor=3.0, forward_factor=1.0, search_power=1 / 3, span_power=0.7),
+]
+
+
+def _inputs(seed, bsz, hq, hkv, lk, lq, d, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(bsz, hq, lq, d, generator=g, dtype=dtype)
+    k = torch.randn(bsz, hkv, lk, d, generator=g, dtype=dtype)
+    v = torch.randn(bsz, hkv, lk, d, generator=g, dtype=dtype)
+    positions = torch.randperm(lk, generator=g)[:lq]
+    positions[0] = lk - 1
+    return q, k, v, positions
+
+
+@pytest.mark.parametrize("pi", range(len(PARAM_SETS)))
+@pytest.mark.parametrize("combine", ["gate", "union"])
+@pytest.mark.parametrize("search", ["anchor", "summary"])
+def test_reference_matches_brute_force(pi, combine, search):
+    params = PARAM_SETS[pi]
+    heads = [(4, 2), (3, 3), (6, 2), (2, 1), (4, 4)][pi]
+    q, k, v, positions = _inputs(100 + pi, 2, heads[0], heads[1], 333, 24, 8)
+    kw = dict(params, combine=combine, search=search, block_size=8)
+    got = span_attention(q, k, v, positions, impl="torch", **kw)
+    want = brute_force(q, k, v, positions, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_reference_uses_q_search_for_the_search_only():
+    q, k, v, positions = _inputs(7, 1, 4, 2, 400, 20, 8)
+    q_search = torch.randn_like(q)
+    kw = dict(PARAM_SETS[0], combine="gate", search="anchor")
+    got = span_attention(q, k, v, positions, q_search=q_search, impl="torch", **kw)
+    torch.testing.assert_close(got, brute_force(q, k, v, positions, q_search=q_search, **kw), rtol=1e-9, atol=1e-9)
+    # ... and it matters: the search query changes which spans are chosen.
+    assert not torch.allclose(got, span_attention(q, k, v, positions, impl="torch", **kw))
+
+
+@pytest.mark.parametrize("combine,search", [("gate", "anchor"), ("union", "summary")])
+def test_shorter_than_window_is_dense_causal(combine, search):
+    q, k, v, _ = _inputs(3, 2, 4, 2, 600, 600, 16, dtype=torch.float32)
+    positions = torch.arange(600)
+    got = span_attention(q, k, v, positions, combine=combine, search=search, impl="torch")  # window 4095
+    for b in range(2):
+        want = dense_ref.causal_attention(q[b].transpose(0, 1), k[b], v[b], positions).transpose(0, 1)
+        torch.testing.assert_close(got[b], want, rtol=0, atol=2e-6)
+
+
+def test_first_query_with_a_stripe_leaves_dense():
+    """At q = W the first stripe appears (anchor 0) and key 0 leaves the window: no longer dense."""
+    params = ref.SpanParams(sw_index=3)  # W = 15
+    assert params.window == 15
+    assert ref.num_valid_stripes(15, params) == 0 and ref.num_valid_stripes(16, params) == 1
+    q, k, v, _ = _inputs(5, 1, 2, 2, 64, 1, 8)
+    positions = torch.tensor([15])
+    got = span_attention(q, k, v, positions, sw_index=3, impl="torch")
+    dense = dense_ref.causal_attention(q[0].transpose(0, 1), k[0], v[0], positions).transpose(0, 1)
+    # anchor 0's span is [0, 0]: gate over one span = attention over window + key 0 = dense. Shift to q=40:
+    assert torch.allclose(got[0], dense)
+    positions = torch.tensor([40])
+    got = span_attention(q, k, v, positions, sw_index=3, num_spans=1, impl="torch")
+    dense = dense_ref.causal_attention(q[0].transpose(0, 1), k[0], v[0], positions).transpose(0, 1)
+    assert not torch.allclose(got[0], dense)
+
+
+# ------------------------------------------------------------------------------ structural non-exclusion
+
+def test_structural_non_exclusion_defaults():
+    params = ref.SpanParams()
+    assert params.window == 4095 and params.structurally_complete
+    g = torch.Generator().manual_seed(0)
+    probes = list(range(4090, 4200)) + [8191, 8192, 16383, 65535, 65536, 10 ** 6, 10 ** 7 - 1]
+    probes += torch.randint(4096, 2 * 10 ** 6, (60,), generator=g).tolist()
+    for pos in probes:
+        assert ref.uncovered_keys(pos, params) == [], pos
+
+
+@pytest.mark.parametrize("kw", [dict(search_power=0.55, span_power=0.55, backward_factor=2.0, sw_index=65),
+                                dict(search_power=0.55, span_power=0.55, backward_factor=3.0, sw_index=65),
+                                dict(search_power=1 / 3, span_power=2 / 3, backward_factor=3.0, sw_index=15)])
+def test_structural_non_exclusion_other_complete_settings(kw):
+    params = ref.SpanParams(**kw)
+    assert params.structurally_complete
+    for pos in list(range(params.window, params.window + 300)) + [10 ** 5, 777_777, 3 * 10 ** 6]:
+        assert ref.uncovered_keys(pos, params) == [], pos
+
+
+def test_non_exclusion_fails_when_spans_are_too_short():
+    params = ref.SpanParams(backward_factor=0.5, forward_factor=0.5)
+    assert not params.structurally_complete
+    gaps = ref.uncovered_keys(10 ** 6, params)
+    assert gaps and all(first <= last for first, last in gaps)
+
+
+# -------------------------------------------------------------------------------------------- needles
+
+NEEDLE_LK = 65536
+
+
+def _needle_batch(needles, seed=11, d=16, hq=2):
+    """One sequence per needle position: random keys (N(0, 1)), one key planted along head 0's query with
+    q . k = 80 (attention logit 20: the needle takes nearly all the weight once it is attended)."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(needles)
+    q = torch.randn(b, hq, 1, d, generator=g)
+    k = torch.randn(b, 1, NEEDLE_LK, d, generator=g)
+    v = torch.randn(b, 1, NEEDLE_LK, d, generator=g)
+    for i, pos in enumerate(needles):
+        k[i, 0, pos] = q[i, 0, 0] * (80.0 / q[i, 0, 0].dot(q[i, 0, 0]))
+    return q, k, v, torch.tensor([NEEDLE_LK - 1])
+
+
+def _selected(q, k, positions, params, block_size=64):
+    """[B] bool: needle batch element i has its needle inside one of head 0's selected spans."""
+    sel = [ref.select_spans(q[i], k[i], positions, params, block_size=block_size)[0] for i in range(q.shape[0])]
+    return sel
+
+
+def _covers(sel, pos):
+    return bool((sel.valid[0, 0] & (sel.starts[0, 0] <= pos) & (sel.ends[0, 0] >= pos)).any())
+
+
+@pytest.mark.parametrize("combine", ["union", "gate"])
+def test_summary_search_finds_a_needle_anywhere(combine):
+    window_start = NEEDLE_LK - 4095
+    g = torch.Generator().manual_seed(1)
+    needles = [0, 1, 63, 64, 1000, 30001, 40000 + 7, window_start - 1, window_start - 64]
+    needles += torch.randint(0, window_start, (7,), generator=g).tolist()
+    q, k, v, positions = _needle_batch(needles)
+    params = ref.SpanParams(search="summary", combine=combine)
+    out = span_attention(q, k, v, positions, search="summary", combine=combine, impl="torch")
+    sel = _selected(q, k, positions, params)
+    for i, pos in enumerate(needles):
+        assert _covers(sel[i], pos), f"needle at {pos} not selected"
+        if combine == "union":
+            torch.testing.assert_close(out[i, 0, 0], v[i, 0, pos], rtol=0, atol=0.02)
+        else:
+            # Neighbouring spans that merely touch the needle's block tie with the one holding it, so the
+            # gate can dilute the needle (docs/superlinear.md): its share is the gate weight of the spans
+            # that contain it, at least 1 / num_spans.
+            s = sel[i]
+            holds = s.valid[0, 0] & (s.starts[0, 0] <= pos) & (s.ends[0, 0] >= pos)
+            share = float(torch.softmax(s.scores[0, 0], 0)[holds].sum())
+            assert share >= 1 / params.num_spans - 1e-6
+            # The rest averages thousands of random values (about 0): the needle's coefficient is its share.
+            coef = float(out[i, 0, 0] @ v[i, 0, pos] / (v[i, 0, pos] @ v[i, 0, pos]))
+            assert abs(coef - share) < 0.1, (pos, coef, share)
+
+
+def test_anchor_search_finds_needles_on_anchors_only():
+    """The published search scores a span by its anchor's key alone: a needle ON an anchor is found, one
+    between anchors only when a span chosen for other reasons happens to cover it (documented in
+    docs/superlinear.md)."""
+    t = NEEDLE_LK
+    on_anchor = [t - s * s for s in (64, 65, 100, 181, 255, 256)]  # a_s = q - s^2 + 1 with q = t - 1
+    between = [t - s * s - s for s in (70, 120, 160, 200, 230, 250)]  # midway between anchors s and s + 1
+    q, k, v, positions = _needle_batch(on_anchor + between)
+    params = ref.SpanParams(search="anchor", combine="union")
+    out = span_attention(q, k, v, positions, search="anchor", combine="union", impl="torch")
+    sel = _selected(q, k, positions, params)
+    for i, pos in enumerate(on_anchor):
+        assert _covers(sel[i], pos)
+        torch.testing.assert_close(out[i, 0, 0], v[i, 0, pos], rtol=0, atol=0.02)
+    found_between = sum(_covers(sel[len(on_anchor) + i], pos) for i, pos in enumerate(between))
+    assert found_between <= 2  # by chance only (about 3 in 100 per needle at this length)
+    # ... while summary search finds all of them.
+    sel = _selected(q, k, positions, ref.SpanParams(search="summary", combine="union"))
+    assert all(_covers(sel[i], pos) for i, pos in enumerate(on_anchor + between))
+
+
+# ------------------------------------------------------------------------------------------- parameters
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(search_power=0.0), "search_power"), (dict(search_power=1.0), "search_power"),
+    (dict(span_power=1.5), "span_power"), (dict(span_power=-0.1), "span_power"),
+    (dict(num_spans=0), "num_spans"), (dict(backward_factor=-1.0), "backward_factor"),
+    (dict(forward_factor=-0.5), "forward_factor"), (dict(combine="mean"), "combine"),
+    (dict(search="pooled"), "search"), (dict(sw_index=-1), "sw_index"), (dict(num_spans=2.5), "num_spans"),
+    (dict(search_power=float("nan")), "search_power"),
+])
+def test_bad_parameters_are_clear_errors(kw, msg):
+    q, k, v, positions = _inputs(0, 1, 2, 1, 32, 4, 8)
+    with pytest.raises(BackendError, match=msg):
+        span_attention(q, k, v, positions, impl="torch", **kw)
+    with pytest.raises(BackendError, match=msg):
+        SuperlinearBackend(AttentionPlan.uniform("superlinear", 2, kw))
+
+
+def test_backend_rejects_unknown_parameters_and_impl():
+    with pytest.raises(BackendError, match="unknown parameter 'topk'"):
+        SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"topk": 3}))
+    with pytest.raises(BackendError, match="impl"):
+        SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"impl": "cuda"}))
+    b = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"num_spans": 2, "impl": "torch"}))
+    assert (b.params.num_spans, b.params.search, b.params.combine, b.impl) == (2, "summary", "union", "torch")
+    assert set(b.aux_specs(2, 8)) == {"kmin", "kmax"}
+    assert SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"search": "anchor"})).aux_specs(2, 8) == {}
+
+
+def test_bad_shapes_are_clear_errors():
+    q, k, v, positions = _inputs(0, 1, 3, 2, 32, 4, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        span_attention(q, k, v, positions, impl="torch")
+    q, k, v, positions = _inputs(0, 1, 2, 1, 32, 4, 8)
+    with pytest.raises(ValueError, match="positions"):
+        span_attention(q, k, v, positions + 100, impl="torch")
