@@ -331,3 +331,141 @@ def test_bad_shapes_are_clear_errors():
     q, k, v, positions = _inputs(0, 1, 2, 1, 32, 4, 8)
     with pytest.raises(ValueError, match="positions"):
         span_attention(q, k, v, positions + 100, impl="torch")
+
+
+# ------------------------------------------------------------------------------------------ paged backend
+
+class PagedScenario:
+    """Sequences of different lengths in one paged cache with random block tables, run through a backend
+    step by step: chunked prefill in odd chunk sizes (sequences start at different steps, so prefill and
+    decode mix), then decode steps. The cache and aux tables start full of garbage (reused blocks)."""
+
+    def __init__(self, lens, hq=4, hkv=2, d=16, block_size=16, dtype=torch.float64, seed=0, device="cpu"):
+        g = torch.Generator().manual_seed(seed)
+        self.lens, self.hq, self.hkv, self.d, self.bs = lens, hq, hkv, d, block_size
+        self.dtype, self.device = dtype, device
+        self.q = [torch.randn(n, hq, d, generator=g).to(dtype) for n in lens]
+        self.k = [torch.randn(n, hkv, d, generator=g).to(dtype) for n in lens]
+        self.v = [torch.randn(n, hkv, d, generator=g).to(dtype) for n in lens]
+        need = [(n + block_size - 1) // block_size for n in lens]
+        self.num_blocks = sum(need) + 5
+        perm = torch.randperm(self.num_blocks, generator=g)[: sum(need)].tolist()
+        self.tables, at = [], 0
+        for nb in need:
+            self.tables.append(perm[at: at + nb])
+            at += nb
+        self.gen = g
+
+    def make_cache(self, aux_specs):
+        g = self.gen
+        shape = (self.num_blocks, self.hkv, self.bs, self.d)
+        k = (torch.randn(shape, generator=g) * 7).to(self.dtype).to(self.device)
+        v = (torch.randn(shape, generator=g) * 7).to(self.dtype).to(self.device)
+        aux = {name: (torch.randn((self.num_blocks,) + tuple(s), generator=g) * 50).to(dt or self.dtype).to(self.device)
+               for name, (s, dt) in aux_specs.items()}
+        return LayerCache(k, v, aux)
+
+    def schedule(self, prefill_chunks, decode_steps):
+        """Yield lists of (seq, first_pos, count) per step."""
+        done = [0] * len(self.lens)
+        prefill_len = [n - decode_steps for n in self.lens]
+        step = 0
+        while any(done[i] < prefill_len[i] for i in range(len(self.lens))):
+            work = []
+            for i in range(len(self.lens)):
+                if step < i or done[i] >= prefill_len[i]:  # sequence i joins at step i
+                    continue
+                n = min(prefill_chunks[(step + i) % len(prefill_chunks)], prefill_len[i] - done[i])
+                work.append((i, done[i], n))
+                done[i] += n
+            step += 1
+            yield work
+        for _ in range(decode_steps):
+            work = [(i, done[i], 1) for i in range(len(self.lens))]
+            for i in range(len(self.lens)):
+                done[i] += 1
+            yield work
+
+    def meta(self, work):
+        bs = self.bs
+        positions, slots, qlens, ctx = [], [], [], []
+        for i, first, n in work:
+            pos = torch.arange(first, first + n)
+            table = torch.tensor(self.tables[i])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            qlens.append(n)
+            ctx.append(first + n)
+        width = max(len(self.tables[i]) for i, _, _ in work)
+        tables = torch.zeros(len(work), width, dtype=torch.int32)
+        for row, (i, _, _) in enumerate(work):
+            tables[row, : len(self.tables[i])] = torch.tensor(self.tables[i], dtype=torch.int32)
+        qsl = torch.tensor([0] + qlens).cumsum(0).to(torch.int32)
+        dev = self.device
+        return AttentionMetadata(positions=torch.cat(positions).to(dev), slot_mapping=torch.cat(slots).to(dev),
+                                 block_tables=tables.to(dev), context_lens=torch.tensor(ctx, dtype=torch.int32).to(dev),
+                                 query_start_loc=qsl.to(dev), block_size=bs, context_lens_cpu=ctx,
+                                 query_lens_cpu=qlens, seq_ids=[i for i, _, _ in work])
+
+    def tensors(self, work):
+        def cat(xs):
+            return torch.cat([xs[i][first: first + n] for i, first, n in work]).to(self.device)
+        return cat(self.q), cat(self.k), cat(self.v)
+
+    def run(self, backend, prefill_chunks=(37, 23, 5, 61), decode_steps=3, poison=False):
+        cache = self.make_cache(backend.aux_specs(self.hkv, self.d))
+        outs = [torch.full((n, self.hq, self.d), float("nan"), dtype=self.dtype) for n in self.lens]
+        for work in self.schedule(prefill_chunks, decode_steps):
+            meta = self.meta(work)
+            q, k, v = self.tensors(work)
+            o = backend.forward(0, q, k, v, cache, meta, StepState())
+            assert o.shape == q.shape
+            at = 0
+            for i, first, n in work:
+                outs[i][first: first + n] = o[at: at + n].cpu()
+                at += n
+        return outs, cache
+
+    def functional(self, i, **kw):
+        q = self.q[i].transpose(0, 1)[None]
+        k = self.k[i].transpose(0, 1)[None]
+        v = self.v[i].transpose(0, 1)[None]
+        return span_attention(q, k, v, torch.arange(self.lens[i]), block_size=self.bs, **kw)[0].transpose(0, 1)
+
+
+PAGED_PARAMS = dict(sw_index=3, num_spans=3, backward_factor=2.0, forward_factor=1.0)  # W = 15, block 16
+
+
+@pytest.mark.parametrize("search,combine", [("summary", "union"), ("summary", "gate"), ("anchor", "gate"),
+                                            ("anchor", "union")])
+def test_paged_backend_equals_functional(search, combine):
+    sc = PagedScenario([150, 97, 61, 203], seed=3)
+    params = dict(PAGED_PARAMS, search=search, combine=combine)
+    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch")))
+    outs, cache = sc.run(backend)
+    for i in range(len(sc.lens)):
+        want = sc.functional(i, impl="torch", **params)
+        torch.testing.assert_close(outs[i], want, rtol=1e-10, atol=1e-10)
+    if search == "summary":  # the aux tables hold the exact bounds of every block the sequences own
+        for i, n in enumerate(sc.lens):
+            kmin, kmax = ref.block_bounds(sc.k[i].transpose(0, 1), sc.bs)
+            blocks = torch.tensor(sc.tables[i])
+            torch.testing.assert_close(cache.aux["kmin"][blocks].transpose(0, 1), kmin, rtol=0, atol=0)
+            torch.testing.assert_close(cache.aux["kmax"][blocks].transpose(0, 1), kmax, rtol=0, atol=0)
+
+
+def test_paged_backend_p055_gqa_groups_of_three():
+    sc = PagedScenario([180, 77], hq=6, hkv=2, d=8, block_size=8, seed=4)
+    params = dict(sw_index=3, num_spans=2, backward_factor=3.0, forward_factor=1.0, search_power=0.55,
+                  span_power=0.55, search="summary", combine="union")
+    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch")))
+    outs, _ = sc.run(backend, prefill_chunks=(13, 29, 3))
+    for i in range(len(sc.lens)):
+        torch.testing.assert_close(outs[i], sc.functional(i, impl="torch", **params), rtol=1e-10, atol=1e-10)
+
+
+def test_summary_search_needs_window_of_a_block():
+    sc = PagedScenario([40], block_size=16)
+    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"sw_index": 2, "impl": "torch"}))  # W = 8
+    with pytest.raises(BackendError, match="window"):
+        sc.run(backend)
