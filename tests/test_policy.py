@@ -111,3 +111,111 @@ def test_bad_file_contents(tmp_path, text, match):
 def test_missing_file(tmp_path):
     with pytest.raises(BackendError, match="policy file not found"):
         AttentionPlan.load(tmp_path / "nope.json")
+
+
+# ---------------------------------------------------------------- `longserve profile` on a tiny checkpoint
+
+import argparse  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from longserve.engine.testing import tiny_checkpoint  # noqa: E402
+from longserve.policies import cli as profile_cli  # noqa: E402
+from longserve.policies.profiler import ProfileConfig, ProfileError, build_policy  # noqa: E402
+
+CALIB = ("It was a bright cold day in spring, and the clocks in the old tower were striking the hours one after "
+         "another while the river went on under the bridge as it always had. ")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", arch="llama", num_hidden_layers=5)
+
+
+def run_profile(*argv) -> int:
+    parser = argparse.ArgumentParser(prog="longserve")
+    profile_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["profile", *argv])
+    return args.func(args)
+
+
+def test_profile_tiny_checkpoint_writes_a_policy_that_serves(tiny, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB * 8)  # byte-level tokenizer: ~1200 tokens
+    out, plots = tmp_path / "policy.json", tmp_path / "plots"
+    rc = run_profile("--model", str(tiny), "--calib", str(calib), "--out", str(out), "--topk-tokens", "128",
+                     "--block-size", "16", "--full-layers", "1", "--max-compute-layers", "2", "--probe-every", "8",
+                     "--chunk-tokens", "300", "--plots", str(plots), "--device", "cpu", "--quiet")
+    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "policy written to" in printed
+
+    from longserve.engine.loader import load_model
+    info = load_model(str(tiny), "cpu", "float32", tokenizer=False).config.model_info()
+    plan = AttentionPlan.load(out)
+    plan.check_model(info)
+    assert plan.model == info  # the policy names the model it was made for, fingerprint included
+    assert plan.method == "hylra" and plan.params["topk_tokens"] == 128
+    modes = [lp.mode for lp in plan.layers]
+    assert modes.count("full") == 1 and 1 <= modes.count("compute") <= 2
+    prof = plan.profile
+    assert prof["num_probes"] > 0 and prof["calibration"]["tokens"] == len((CALIB * 8).encode())
+    overlap = np.array(prof["overlap"])
+    assert overlap.shape == (5, 5) and np.allclose(np.diag(overlap), 1.0)
+    assert ((overlap >= 0) & (overlap <= 1)).all() and overlap.min() < 1.0
+    assert len(prof["sensitivity"]["topk_error"]) == 5 and max(prof["sensitivity"]["topk_error"]) > 0
+    # The FULL layer is the one losing most under the budget.
+    assert prof["full_layers"] == [int(np.argmax(prof["sensitivity"]["topk_error"]))]
+    for name in ("overlap.png", "sensitivity.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The policy serves requests through the engine (hylra on the non-full layers).
+    from longserve.engine import LLM, SamplingParams
+    llm = LLM(model=str(tiny), policy=str(out), device="cpu", dtype="float32", block_size=16, num_kv_blocks=256)
+    result = llm.generate(CALIB * 2, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    assert len(result[0].outputs[0].token_ids) == 5
+
+
+def test_profile_errors_are_one_line(tiny, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    out = tmp_path / "p.json"
+    assert run_profile("--model", str(tiny), "--calib", str(short), "--out", str(out), "--topk-tokens", "64",
+                       "--device", "cpu", "--quiet") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("longserve profile: error: calibration text too short") and "\n" not in err
+    assert run_profile("--model", str(tiny), "--calib", str(tmp_path / "none.txt"), "--out", str(out),
+                       "--device", "cpu", "--quiet") == 2
+    assert "calibration file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    assert run_profile("--model", str(tiny), "--calib", str(bad), "--out", str(out), "--device", "cpu",
+                       "--quiet") == 2
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # argparse: the two ways to choose FULL layers exclude each other
+        run_profile("--calib", "x", "--out", "y", "--full-layers", "2", "--sparsity", "0.5")
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_build_policy_full_layers_by_sparsity_and_dp():
+    rng = np.random.default_rng(0)
+    n = 8
+    overlap = rng.uniform(0.3, 0.9, (n, n))
+    np.fill_diagonal(overlap, 1.0)
+    err = rng.uniform(0, 1, (n, 2))
+    results = {"overlap": overlap, "overlap_mean_heads": overlap, "mass_share": rng.uniform(0, 1, (n, 2)),
+               "topk_error": err, "num_probes": 10}
+    plan = build_policy(results, ProfileConfig(sparsity=0.75, max_compute_layers=3), {"num_layers": n})
+    full = sorted(np.argsort(-err.mean(1))[:2].tolist())  # ceil(8 * 0.25) = 2 most sensitive
+    assert [i for i, lp in enumerate(plan.layers) if lp.mode == "full"] == full
+    assert sum(lp.mode == "compute" for lp in plan.layers) <= 3
+    assert plan.profile["dp"]["min_overlap"] == pytest.approx(dp_min(plan, overlap), abs=1e-4)
+    with pytest.raises(ProfileError, match="either --full-layers or --sparsity"):
+        ProfileConfig(full_layers=1, sparsity=0.5).validate()
+
+
+def dp_min(plan, overlap):
+    vals = [1.0 if lp.mode == "compute" else overlap[i][lp.source] for i, lp in enumerate(plan.layers)
+            if lp.mode != "full"]
+    return min(vals)
