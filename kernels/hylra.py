@@ -107,7 +107,11 @@ class HyLRABackend:
                 raise BackendError(f"hylra: {e} (or use impl='torch')") from None
         else:
             kern = ref
-        ref_dense.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
+        if use_triton:
+            from .triton.dense import write_kv
+            write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
+        else:
+            ref_dense.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
         kern.update_block_bounds(cache.k, cache.aux["kmin"], cache.aux["kmax"], meta.slot_mapping)
 
         if layer.mode == "compute":

@@ -208,12 +208,17 @@ def select(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, meta: Attent
     group = hq // hkv
     num_sel = hq if per_head else hkv
     tile_t = _device_tiles(meta, tiles, device, bs, budget_blocks, sink_blocks, recent_blocks)
-    width = max((tile_selected_count(t, bs, budget_blocks, sink_blocks, recent_blocks) for t in tiles), default=0)
+    block_tables = meta.block_tables.to(device=device, dtype=torch.int32)
+    max_blocks = block_tables.shape[1]
+    if meta.is_pure_decode:
+        # Independent of the context lengths, so a CUDA graph captured once serves every later decode step.
+        width = min(max(budget_blocks, sink_blocks + recent_blocks), max_blocks)
+    else:
+        width = max((tile_selected_count(t, bs, budget_blocks, sink_blocks, recent_blocks) for t in tiles),
+                    default=0)
     if not tiles:
         return HyLRASelection(tiles, torch.empty(0, num_sel, 0, dtype=torch.int32, device=device), per_head, bs,
                               tile_t)
-    block_tables = meta.block_tables.to(device=device, dtype=torch.int32)
-    max_blocks = block_tables.shape[1]
     scores = torch.empty(len(tiles), num_sel, max_blocks, dtype=torch.float32, device=device)
     block_n = 32
     max_q = max(t.q_end - t.q_start for t in tiles)
