@@ -469,3 +469,65 @@ def test_summary_search_needs_window_of_a_block():
     backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"sw_index": 2, "impl": "torch"}))  # W = 8
     with pytest.raises(BackendError, match="window"):
         sc.run(backend)
+
+
+# ----------------------------------------------------------------------------- sparse range attention (Triton)
+
+def _random_ranges(meta, hr, num_ranges, window, gen, disjoint=True):
+    """Per token and range head: num_ranges [start, end) ranges below the token's window (disjoint: from
+    sorted cut points; else overlapping each other), some empty, and the window starts."""
+    tokens = meta.num_tokens
+    ranges = torch.zeros(tokens, hr, num_ranges, 2, dtype=torch.int32)
+    wstart = torch.zeros(tokens, dtype=torch.int64)
+    for t in range(tokens):
+        pos = int(meta.positions[t])
+        ws = max(0, pos - window + 1)
+        wstart[t] = ws
+        for h in range(hr):
+            cuts = torch.sort(torch.randint(0, ws + 1, (2 * num_ranges,), generator=gen)).values
+            if not disjoint:
+                cuts = torch.randint(0, ws + 1, (2 * num_ranges,), generator=gen)
+            ranges[t, h] = cuts.view(num_ranges, 2).to(torch.int32)
+    if not disjoint:
+        ranges = torch.sort(ranges, dim=-1).values
+    return ranges, wstart
+
+
+@pytest.mark.parametrize("dtype,gated,hr_kind", [
+    (torch.float32, False, "query"), (torch.float32, True, "group"), (torch.float16, False, "group"),
+    (torch.float16, True, "query"), (torch.float32, False, "token")])
+def test_sparse_range_attention_triton_matches_reference(dtype, gated, hr_kind):
+    from longserve.kernels.reference import sparse as sparse_ref
+    from longserve.kernels.triton import sparse as sparse_tri
+
+    sc = PagedScenario([90, 41, 130], hq=4, hkv=2, d=16, block_size=8, dtype=dtype, seed=5)
+    cache = sc.make_cache({})
+    for i in range(len(sc.lens)):  # fill each sequence's keys
+        meta = sc.meta([(i, 0, sc.lens[i])])
+        _, k, v = sc.tensors([(i, 0, sc.lens[i])])
+        dense_ref.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
+    work = [(0, 70, 6), (1, 40, 1), (2, 99, 5)]  # a chunk, a decode token, another chunk
+    meta = sc.meta(work)
+    q, _, _ = sc.tensors(work)
+    hr = {"query": 4, "group": 2, "token": 1}[hr_kind]
+    gen = torch.Generator().manual_seed(9)
+    ranges, wstart = _random_ranges(meta, hr, 3, 17, gen, disjoint=not gated)
+    gates = None
+    if gated:
+        gates = torch.randn(meta.num_tokens, hr, 3, generator=gen)
+        gates[torch.rand(gates.shape, generator=gen) < 0.3] = float("-inf")
+        gates[0] = float("-inf")  # a token with no gated range: the window alone
+    want, want_lse = sparse_ref.range_attention(q, cache.k, cache.v, meta, ranges, window_start=wstart,
+                                                gate_logits=gates)
+    sparse_tri.POISON_WORKSPACE = True
+    try:
+        out = torch.full_like(q, float("nan"))
+        got, got_lse = sparse_tri.range_attention(q, cache.k, cache.v, meta, ranges, window_start=wstart,
+                                                  gate_logits=gates, max_range_len=131, max_window_len=17,
+                                                  chunk=64, out=out)
+    finally:
+        sparse_tri.POISON_WORKSPACE = False
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    if not gated:
+        torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5)
