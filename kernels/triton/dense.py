@@ -2,8 +2,8 @@
 
 Three kernels and one merge (docs/kernels.md has the full story):
 
-* ``write_kv``: scatters the step's new K/V rows into the cache by slot mapping; a negative slot is skipped
-  (the padded rows of a CUDA-graph batch).
+* ``write_kv``: scatters the step's new K/V rows into the cache by slot mapping, one program per token
+  (all its KV heads); a negative slot is skipped (the padded rows of a CUDA-graph batch).
 * split-KV decode (flash-decoding): one program per (sequence, KV head, split). Each program loads the
   whole GQA group's queries as one [G, D] tile (G padded to >= 16 so ``tl.dot`` applies), walks its share
   of the context through the block table with an online softmax, and writes a normalised partial output
@@ -20,7 +20,9 @@ K/V so both read the same bytes).
 CUDA graphs: the decode path never reads device values on the host. Host lists of the metadata decide only
 which kernels run, ``max_query_len`` (prefill grid) and the default split count; each program derives its
 own key range from the device tensors, so a graph captured with a split count stays correct for any
-context up to the one it was sized for. See ``decode_num_splits``.
+context up to the one it was sized for. See ``decode_num_splits``. The split count is a run-time
+argument, so changing it never recompiles the decode kernel (the merge kernel compiles once per power of
+two of it).
 """
 
 from __future__ import annotations
@@ -93,22 +95,23 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, de
 def _write_kv_kernel(K, V, KC, VC, slot_mapping,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_kcb, stride_kch, stride_kct, stride_vcb, stride_vch, stride_vct,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr):
+                     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PAGE: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
     slot = tl.load(slot_mapping + token).to(tl.int64)
     if slot < 0:  # padded row of a CUDA-graph batch: nothing to write
         return
     block = slot // PAGE
     offset = slot % PAGE
+    h = tl.arange(0, BLOCK_H).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
-    dmask = d < HEAD_DIM
-    k = tl.load(K + token * stride_kt + head * stride_kh + d, mask=dmask)
-    v = tl.load(V + token * stride_vt + head * stride_vh + d, mask=dmask)
-    tl.store(KC + block * stride_kcb + head * stride_kch + offset * stride_kct + d, k.to(KC.dtype.element_ty),
-             mask=dmask)
-    tl.store(VC + block * stride_vcb + head * stride_vch + offset * stride_vct + d, v.to(VC.dtype.element_ty),
-             mask=dmask)
+    mask = (h[:, None] < KV_HEADS) & (d[None, :] < HEAD_DIM)
+    k = tl.load(K + token * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+    v = tl.load(V + token * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    tl.store(KC + block * stride_kcb + h[:, None] * stride_kch + offset * stride_kct + d[None, :],
+             k.to(KC.dtype.element_ty), mask=mask)
+    tl.store(VC + block * stride_vcb + h[:, None] * stride_vch + offset * stride_vct + d[None, :],
+             v.to(VC.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -139,8 +142,9 @@ def _decode_kernel(Q, KC, VC, O, LSE, OP, LSEP,
                    stride_bt,
                    stride_ps, stride_ph, stride_pk,
                    stride_lps, stride_lph,
+                   num_splits,
                    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -153,7 +157,7 @@ def _decode_kernel(Q, KC, VC, O, LSE, OP, LSEP,
     position = tl.load(positions + token).to(tl.int64)
     limit = tl.maximum(tl.minimum(context, position + 1), 0)  # keys this token may see
     # This split's share, a whole number of tiles, computed here so the grid never depends on the data.
-    chunk = tl.cdiv(tl.cdiv(limit, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(limit, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, limit)
 
@@ -198,7 +202,7 @@ def _decode_kernel(Q, KC, VC, O, LSE, OP, LSEP,
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    if NUM_SPLITS == 1:
+    if DIRECT:  # a single split: this is the final result
         tl.store(O + token * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
                  mask=gmask[:, None] & dmask[None, :])
         tl.store(LSE + token * stride_lt + heads, lse, mask=gmask)
@@ -214,8 +218,8 @@ def _merge_kernel(O, LSE, OP, LSEP, query_start_loc,
                   stride_ot, stride_oh, stride_lt,
                   stride_ps, stride_ph, stride_pk,
                   stride_lps, stride_lph,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  SPLITS_PAD: tl.constexpr):
+                  num_splits,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     q_start = tl.load(query_start_loc + seq)
@@ -225,7 +229,7 @@ def _merge_kernel(O, LSE, OP, LSEP, query_start_loc,
     token = q_start.to(tl.int64)
     seq64 = seq.to(tl.int64)
     k = tl.arange(0, SPLITS_PAD)
-    kmask = k < NUM_SPLITS
+    kmask = k < num_splits
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
     lse = tl.load(LSEP + seq64 * stride_lps + head * stride_lph + k, mask=kmask, other=float("-inf"))
@@ -370,13 +374,14 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     if tokens == 0:
         return
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
-    _write_kv_kernel[(tokens, kv_heads)](
+    _write_kv_kernel[(tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), PAGE=k_cache.shape[2],
-        num_warps=1 if head_dim <= 128 else 2)
+        KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_H=next_power_of_2(kv_heads),
+        BLOCK_D=next_power_of_2(head_dim), PAGE=k_cache.shape[2],
+        num_warps=max(1, min(8, kv_heads * head_dim // 256)))
 
 
 def _validate(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -478,15 +483,14 @@ def paged_attention_with_lse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         _decode_kernel[(num_seqs, kv_heads, num_splits)](
             q, k_cache, v_cache, out, lse, part_out, part_lse,
             positions, block_tables, context_lens, query_start_loc,
-            qk_scale, *common_strides, *part_strides,
+            qk_scale, *common_strides, *part_strides, num_splits,
             G=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.decode_block_n, PAGE=page,
-            NUM_SPLITS=num_splits, IEEE=ieee, num_warps=cfg.decode_warps, num_stages=cfg.decode_stages)
+            DIRECT=num_splits == 1, IEEE=ieee, num_warps=cfg.decode_warps, num_stages=cfg.decode_stages)
         if num_splits > 1:
             _merge_kernel[(num_seqs, q_heads)](
                 out, lse, part_out, part_lse, query_start_loc,
-                out.stride(0), out.stride(1), lse.stride(0), *part_strides,
-                HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-                SPLITS_PAD=next_power_of_2(num_splits), num_warps=1 if head_dim <= 128 else 2)
+                out.stride(0), out.stride(1), lse.stride(0), *part_strides, num_splits,
+                HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=next_power_of_2(num_splits), num_warps=1 if head_dim <= 128 else 2)
 
     if meta.max_query_len > 1:
         g_pad = next_power_of_2(group)
