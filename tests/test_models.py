@@ -186,6 +186,8 @@ def test_sharded_checkpoint_and_bfloat16(tmp_path):
     assert bf16.embed_tokens.dtype == torch.bfloat16
     got = run_sequence(bf16, PROMPT[:16])
     assert got.dtype == torch.float32 and (got - want).abs().max() < 0.1
+    bf16.to(torch.float16)
+    assert bf16.rotary.inv_freq.dtype == torch.float32  # casting the model never rounds the RoPE frequencies
 
 
 def test_model_info_and_config_fields(tmp_path):

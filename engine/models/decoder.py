@@ -248,7 +248,7 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.lm_head = None if c.tie_word_embeddings else nn.Parameter(
             torch.empty(c.vocab_size, c.hidden_size, **kw), requires_grad=False)
-        self.rotary = RotaryEmbedding(c.rope, device=device)
+        self.rotary = RotaryEmbedding(c.rope)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list, meta, backend, state) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)

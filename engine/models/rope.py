@@ -159,13 +159,22 @@ def _yarn_inv_freq(rc: RopeConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """cos/sin for arbitrary absolute positions, computed on the fly (one call per forward, shared by layers)."""
+    """cos/sin for arbitrary absolute positions, computed on the fly (one call per forward, shared by layers).
 
-    def __init__(self, config: RopeConfig, device: torch.device | str | None = None):
+    Returned on the device of `positions`."""
+
+    def __init__(self, config: RopeConfig):
         super().__init__()
         self.config = config
         inv_freq, self.attention_scaling = compute_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        # A plain float32 attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
+        self.inv_freq = inv_freq
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def _inv_freq64(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on_device:
+            self._on_device[device] = self.inv_freq.to(device=device, dtype=torch.float64)
+        return self._on_device[device]
 
     def _dynamic_inv_freq(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """Per-token inv_freq [T, D/2] for dynamic NTK: theta grows with the sequence's current length."""
@@ -175,28 +184,28 @@ class RotaryEmbedding(torch.nn.Module):
         table = []
         for length in lengths.tolist():
             if length <= rc.max_position_embeddings:
-                table.append(self.inv_freq.float().cpu())
+                table.append(self.inv_freq)
                 continue
             # float32 tensor arithmetic as in transformers (there seq_len is a tensor)
             seq = torch.tensor(length, dtype=torch.int64)
             base = rc.theta * ((rc.factor * seq / rc.max_position_embeddings) - (rc.factor - 1)) ** (dim / (dim - 2))
             table.append(_default_inv_freq(base, dim))
-        return torch.stack(table).to(self.inv_freq.device)[index.to(self.inv_freq.device)]
+        return torch.stack(table)[index.cpu()]
 
     def cos_sin(self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, head_dim/2] float32 for positions [T] (attention scaling folded in).
 
         seq_lens [T]: the length of each token's sequence in this step (context after the step), used only by
         'dynamic' scaling; defaults to max(positions) + 1 for all tokens."""
-        positions = positions.to(self.inv_freq.device)
+        device = positions.device
         if self.config.rope_type == "dynamic":
             if seq_lens is None:
                 top = int(positions.max().item()) + 1 if positions.numel() else 0
                 seq_lens = torch.full_like(positions, top)
-            inv_freq = self._dynamic_inv_freq(seq_lens)
-            angles = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64)
+            inv_freq = self._dynamic_inv_freq(seq_lens).to(device=device, dtype=torch.float64)
+            angles = positions.to(torch.float64)[:, None] * inv_freq
         else:
-            angles = positions.to(torch.float64)[:, None] * self.inv_freq.to(torch.float64)[None, :]
+            angles = positions.to(torch.float64)[:, None] * self._inv_freq64(device)[None, :]
         cos, sin = angles.cos(), angles.sin()
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
