@@ -283,7 +283,7 @@ def test_kmeans_reference_is_a_fixed_point_and_decreases_distortion():
 
 # ---------------------------------------------------------------- the needle
 
-@pytest.mark.parametrize("impl", ["torch"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_planted_needle_is_routed_to_and_attended(impl):
     g = torch.Generator().manual_seed(11)
     n, d, hkv, group = 700, 32, 2, 2
@@ -389,3 +389,112 @@ def test_reuse_and_full_layers():
     with pytest.raises(BackendError, match="reuses layer 0"):
         q, k, v, meta = world.step({1: 1})
         be.forward(1, q, k, v, world.cache, meta, StepState())
+
+
+# ---------------------------------------------------------------- Triton kernels against the references
+
+def _tri():
+    from longserve.kernels.triton import routing as tri
+    return tri
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b, n, c, d", [(3, 77, 13, 24), (1, 5, 40, 8), (2, 130, 64, 64)])
+def test_assign_kernel_matches_reference(dtype, b, n, c, d):
+    g = torch.Generator().manual_seed(b * 1000 + n)
+    keys = torch.randn(b, n, d, generator=g).to(dtype).to(DEVICE)
+    cent = torch.randn(b, c, d, generator=g)
+    cent = (cent / cent.norm(dim=-1, keepdim=True)).to(DEVICE)
+    out = torch.full((b, n), -7, dtype=torch.int32, device=DEVICE)  # poisoned
+    got = _tri().assign(keys, cent, out=out)
+    assert got.data_ptr() == out.data_ptr() and ((got >= 0) & (got < c)).all()
+    scores = keys.double() @ cent.double().transpose(1, 2)
+    want = ref.assign(keys, cent)
+    top2 = scores.topk(min(2, c), dim=-1).values
+    clear = (top2[..., 0] - top2[..., -1]) > 1e-4 if c > 1 else torch.ones_like(want, dtype=torch.bool)
+    assert torch.equal(got[clear], want[clear])
+    chosen = scores.gather(2, got.long().unsqueeze(-1)).squeeze(-1)
+    assert (chosen >= top2[..., 0] - 1e-4).all()  # near-ties: still a best centroid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("decay", [0.0, 0.9, 1.0])
+@pytest.mark.parametrize("b, n, c, d", [(3, 77, 13, 24), (2, 200, 70, 16)])
+def test_update_kernel_matches_reference(dtype, decay, b, n, c, d):
+    g = torch.Generator().manual_seed(n + c)
+    keys = torch.randn(b, n, d, generator=g).to(dtype).to(DEVICE)
+    a = torch.randint(0, c - 3, (b, n), generator=g).to(torch.int32).to(DEVICE)  # the last clusters stay empty
+    cent = torch.randn(b, c, d, generator=g)
+    cent = (cent / cent.norm(dim=-1, keepdim=True)).to(DEVICE)
+    poison = (torch.full((b, c, d), float("nan"), device=DEVICE), torch.full((b, c, d), float("nan"), device=DEVICE),
+              torch.full((b, c), -1, dtype=torch.int32, device=DEVICE))
+    new, raw, cnt = _tri().update_centroids(keys, a, cent, decay, out=poison)
+    want_new, want_raw, want_cnt = ref.update_centroids(keys, a, cent, decay)
+    assert torch.equal(cnt, want_cnt) and int(cnt[:, -3:].sum()) == 0
+    torch.testing.assert_close(raw, want_raw, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(new, want_new, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new[:, -3:], cent[:, -3:])  # empty clusters keep their centroid
+
+
+def test_kmeans_with_triton_ops_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 96, 16, generator=g).to(DEVICE)
+    c1, a1, s1, n1 = ref.kmeans(keys, 7, 3)
+    c2, a2, s2, n2 = ref.kmeans(keys, 7, 3, ops=_tri())
+    assert torch.equal(a1, a2) and torch.equal(n1, n2)
+    torch.testing.assert_close(c1, c2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_attend_kernel_matches_reference(dtype, splits, monkeypatch):
+    tri = _tri()
+    monkeypatch.setattr(tri, "POISON_WORKSPACE", True)
+    world = World(hkv=2, group=3, d=24, block_size=4, dtype=dtype, seed=13)
+    world.add(1, 90)
+    world.add(2, 61)
+    be = backend({"budget_tokens": 7, "prefill_tile": 5})
+    # Earlier steps only build the tables; the checked step mixes a prefill chunk and a decode token.
+    for chunks in [{1: 60, 2: 40}, {1: 29, 2: 20}]:
+        q, k, v, meta = world.step(chunks)
+        be.forward(0, q, k, v, world.cache, meta, StepState())
+    q, k, v, meta = world.step({1: 1, 2: 1})
+    ref_dense.write_kv(world.cache.k, world.cache.v, k, v, meta.slot_mapping)
+    sel = be.select(0, q, world.cache, meta)
+    assert (sel.routed_count > 0).all()
+    want, want_lse = ref.attend(q, world.cache.k, world.cache.v, meta.block_tables, sel, return_lse=True)
+    out = torch.full_like(q, float("nan"))
+    got, got_lse = tri.attend(q, world.cache.k, world.cache.v, meta.block_tables, sel, return_lse=True,
+                              num_splits=splits, out=out)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_lse, want_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attend_kernel_prefill_tiles_match_reference(dtype, monkeypatch):
+    tri = _tri()
+    monkeypatch.setattr(tri, "POISON_WORKSPACE", True)
+    world = World(hkv=1, group=4, d=8, block_size=8, dtype=dtype, seed=14)
+    world.add(4, 120)
+    be = backend({"budget_tokens": 5, "prefill_tile": 9, "window": 3})
+    q, k, v, meta = world.step({4: 70})
+    be.forward(0, q, k, v, world.cache, meta, StepState())
+    q, k, v, meta = world.step({4: 47})  # 6 tiles, the last one short; prior context routed
+    ref_dense.write_kv(world.cache.k, world.cache.v, k, v, meta.slot_mapping)
+    sel = be.select(0, q, world.cache, meta)
+    assert (sel.routed_count > 0).all()
+    want = ref.attend(q, world.cache.k, world.cache.v, meta.block_tables, sel)
+    got = tri.attend(q, world.cache.k, world.cache.v, meta.block_tables, sel, out=torch.full_like(q, float("nan")))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_triton_backend_covering_budget_equals_dense():
+    world = World(seed=15, hkv=2, group=2, d=16)
+    world.add(1, 90)
+    world.add(2, 70)
+    be = backend({"budget_tokens": 10**6}, impl="triton")
+    run_schedule(world, be, decode_schedule({1: [50, 35], 2: [66]}, 2), compare_dense=True, atol=1e-4)
+    assert be.table(1, 0).num_closed == 2
