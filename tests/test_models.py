@@ -156,7 +156,7 @@ def test_dynamic_rope_is_per_sequence_in_a_batch(tmp_path):
     caches = make_caches(model.config, 20, bs)
     tables = [list(range(0, 10)), list(range(10, 13))]
     positions = torch.cat([torch.arange(40), torch.arange(10)])
-    slots = [tables[0][p // bs] * bs + p % bs for p in range(40)] + [tables[1][p // bs] * bs + p % bs for p in range(10)]
+    slots = [tables[s][p // bs] * bs + p % bs for s, n in ((0, 40), (1, 10)) for p in range(n)]
     table = torch.zeros(2, 10, dtype=torch.int32)
     table[0], table[1, :3] = torch.tensor(tables[0]), torch.tensor(tables[1])
     meta = AttentionMetadata(positions=positions, slot_mapping=torch.tensor(slots), block_tables=table,

@@ -250,7 +250,8 @@ class DecoderModel(nn.Module):
             torch.empty(c.vocab_size, c.hidden_size, **kw), requires_grad=False)
         self.rotary = RotaryEmbedding(c.rope)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list, meta, backend, state) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list, meta, backend,
+                state) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)
         seq_lens = None
         if self.config.rope.rope_type == "dynamic" and meta is not None and meta.query_lens_cpu:

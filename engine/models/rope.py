@@ -143,7 +143,8 @@ def _yarn_inv_freq(rc: RopeConfig) -> tuple[torch.Tensor, float]:
 
     def correction_dim(num_rotations: float) -> float:
         # the dimension whose wavelength makes num_rotations turns over the pretraining length
-        return (dim * math.log(rc.original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+        turns = rc.original_max_position_embeddings / (num_rotations * 2 * math.pi)
+        return (dim * math.log(turns)) / (2 * math.log(base))
 
     low, high = correction_dim(rc.beta_fast), correction_dim(rc.beta_slow)
     if rc.truncate:
@@ -192,7 +193,8 @@ class RotaryEmbedding(torch.nn.Module):
             table.append(_default_inv_freq(base, dim))
         return torch.stack(table)[index.cpu()]
 
-    def cos_sin(self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor,
+                seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, head_dim/2] float32 for positions [T] (attention scaling folded in).
 
         seq_lens [T]: the length of each token's sequence in this step (context after the step), used only by
