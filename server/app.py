@@ -229,6 +229,9 @@ class ServerState:
 
     def check_capacity(self, num_requests: int) -> None:
         cfg = self.engine.config
+        if num_requests > cfg.max_waiting + cfg.max_num_seqs:  # could never be admitted, even on an idle server
+            raise APIError(400, f"{num_requests} prompts in one request; this server takes at most "
+                                f"{cfg.max_waiting + cfg.max_num_seqs}", param="prompt")
         if self.draining:
             raise APIError(503, "The server is shutting down.", code="shutting_down")
         if self.engine.num_unfinished + num_requests > cfg.max_waiting + cfg.max_num_seqs:

@@ -458,20 +458,6 @@ def test_32_concurrent_streams_with_8_disconnects(server, client):
     assert metric(server, "longserve:request_aborted_total") - aborted_before == 8
 
 
-def test_non_streaming_disconnect_aborts(server):
-    aborted_before = metric(server, "longserve:request_aborted_total")
-    with pytest.raises(httpx.ReadTimeout):
-        post_body = completion(max_tokens=MAX_MODEL_LEN - 10, ignore_eos=True)
-        httpx.post(server.base + C, json=post_body, timeout=httpx.Timeout(30, read=0.3))
-    deadline = time.monotonic() + 15
-    while metric(server, "longserve:request_aborted_total") == aborted_before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert metric(server, "longserve:request_aborted_total") == aborted_before + 1
-    while metric(server, "longserve:kv_cache_usage_perc") != 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert metric(server, "longserve:kv_cache_usage_perc") == 0
-
-
 def test_metrics_names_and_counts(server, client):
     before = metric(server, "longserve:generation_tokens_total")
     prompt_before = metric(server, "longserve:prompt_tokens_total")
@@ -565,7 +551,7 @@ def _check_no_server_error(server, path: str, body) -> None:
     if r.status_code >= 400:
         assert_openai_error(httpx.Response(r.status_code, content=raw), r.status_code)
     elif r.headers["content-type"].startswith("text/event-stream"):
-        events = _sse_events(raw.decode().splitlines())
+        events = _sse_events(raw.decode().split("\n"))  # not splitlines(): it also splits at U+0085 in text
         assert events and events[-1] == "[DONE]", raw[-300:]
         for event in events[:-1]:
             data = json.loads(event)
