@@ -202,15 +202,12 @@ def block_bounds(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.
 
 
 def block_upper_bounds(qs: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """Quest bound max_{k in block} q.k <= sum_d max(q_d kmin_d, q_d kmax_d) = q.c + |q|.r with
-    c = (kmin + kmax) / 2, r = (kmax - kmin) / 2. qs [Hq, M, D], kmin/kmax [Hkv, nb, D] -> [Hq, M, nb]."""
+    """Quest bound max_{k in block} q.k <= sum_d max(q_d kmin_d, q_d kmax_d) = relu(q) . kmax + min(q, 0) . kmin
+    (a positive q_d takes kmax_d, a negative one kmin_d). qs [Hq, M, D], kmin/kmax [Hkv, nb, D] -> [Hq, M, nb]."""
     hq, m, d = qs.shape
     hkv = kmin.shape[0]
-    g = hq // hkv
-    center = (kmin + kmax) * 0.5
-    radius = (kmax - kmin) * 0.5
-    qg = qs.reshape(hkv, g * m, d)
-    ub = torch.bmm(qg, center.transpose(1, 2)) + torch.bmm(qg.abs(), radius.transpose(1, 2))
+    qg = qs.reshape(hkv, (hq // hkv) * m, d)
+    ub = torch.bmm(qg.clamp_min(0), kmax.transpose(1, 2)) + torch.bmm(qg.clamp_max(0), kmin.transpose(1, 2))
     return ub.reshape(hq, m, -1)
 
 
