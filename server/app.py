@@ -607,8 +607,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve a model over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, "
                     "/v1/models, /tokenize, /detokenize, /health, /metrics (Prometheus), /version.")
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
-    g.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    g.add_argument("--host", default=None,
+                   help="address to listen on; 0.0.0.0: all interfaces (default: $LONGSERVE_HOST, else 127.0.0.1)")
+    g.add_argument("--port", type=int, default=None, help="TCP port (default: $LONGSERVE_PORT, else 8000)")
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
                         "(default: the LONGSERVE_API_KEY environment variable; unset: no key)")
@@ -674,21 +675,28 @@ def run(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("LONGSERVE_API_KEY") or None
     if args.max_request_bytes < 1:
         raise EngineError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
-    if not 0 < args.port < 65536:
-        raise EngineError(f"--port must be in 1..65535, got {args.port}")
+    host = args.host or os.environ.get("LONGSERVE_HOST") or "127.0.0.1"
+    port = args.port
+    if port is None:
+        env_port = os.environ.get("LONGSERVE_PORT") or "8000"
+        if not env_port.isdigit():
+            raise EngineError(f"LONGSERVE_PORT must be a port number, got {env_port!r}")
+        port = int(env_port)
+    if not 0 < port < 65536:
+        raise EngineError(f"--port must be in 1..65535, got {port}")
     engine = AsyncEngine(config_from_args(args))
     try:
         app = create_app(engine, api_key=api_key, served_model_name=args.served_model_name,
                          max_request_bytes=args.max_request_bytes)
         state: ServerState = app.state.longserve
-        log.info("serving %s on http://%s:%d (max_model_len %d%s)", state.model_name, args.host, args.port,
+        log.info("serving %s on http://%s:%d (max_model_len %d%s)", state.model_name, host, port,
                  engine.max_model_len, ", API key required" if api_key else "")
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+        config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level,
                                 timeout_graceful_shutdown=args.shutdown_timeout + 5, access_log=level <= logging.DEBUG)
         server = _server_class()(config, state, args.shutdown_timeout)
         server.run()
         if not server.started:
-            raise EngineError(f"could not listen on {args.host}:{args.port} (see the log above)")
+            raise EngineError(f"could not listen on {host}:{port} (see the log above)")
     finally:
         engine.shutdown()
     return 0
