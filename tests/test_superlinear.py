@@ -493,10 +493,13 @@ def _random_ranges(meta, hr, num_ranges, window, gen, disjoint=True):
     return ranges, wstart
 
 
-@pytest.mark.parametrize("dtype,gated,hr_kind", [
-    (torch.float32, False, "query"), (torch.float32, True, "group"), (torch.float16, False, "group"),
-    (torch.float16, True, "query"), (torch.float32, False, "token")])
-def test_sparse_range_attention_triton_matches_reference(dtype, gated, hr_kind):
+@pytest.mark.parametrize("dtype,gated,hr_kind,path", [
+    (torch.float32, False, "query", "split"), (torch.float32, True, "group", "split"),
+    (torch.float16, False, "group", "split"), (torch.float16, True, "query", "split"),
+    (torch.float32, False, "token", "split"), (torch.float32, False, "query", "tiled"),
+    (torch.float16, True, "group", "tiled"), (torch.float32, True, "token", "tiled"),
+    (torch.float16, False, "query", "tiled")])
+def test_sparse_range_attention_triton_matches_reference(dtype, gated, hr_kind, path):
     from longserve.kernels.reference import sparse as sparse_ref
     from longserve.kernels.triton import sparse as sparse_tri
 
@@ -524,10 +527,76 @@ def test_sparse_range_attention_triton_matches_reference(dtype, gated, hr_kind):
         out = torch.full_like(q, float("nan"))
         got, got_lse = sparse_tri.range_attention(q, cache.k, cache.v, meta, ranges, window_start=wstart,
                                                   gate_logits=gates, max_range_len=131, max_window_len=17,
-                                                  chunk=64, out=out)
+                                                  chunk=64, path=path, out=out)
     finally:
         sparse_tri.POISON_WORKSPACE = False
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
     if not gated:
         torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ superlinear Triton kernels
+
+@pytest.mark.parametrize("search,combine,dtype,heads,kw", [
+    ("anchor", "gate", torch.float32, (4, 2), {}),
+    ("summary", "union", torch.float16, (4, 2), {}),
+    ("summary", "gate", torch.float32, (3, 1), dict(search_power=0.55, span_power=0.55, backward_factor=3.0)),
+    ("anchor", "union", torch.float16, (2, 2), dict(num_spans=2, forward_factor=0.0)),
+])
+def test_triton_span_attention_matches_reference(search, combine, dtype, heads, kw):
+    from longserve.kernels.triton import sparse as sparse_tri
+
+    q, k, v, _ = _inputs(21, 1, heads[0], heads[1], 300, 4, 16, dtype=dtype)
+    positions = torch.tensor([299, 5, 137, 250])  # 5: below the window (dense)
+    kw = dict(kw, sw_index=3, search=search, combine=combine, block_size=16)
+    want = span_attention(q, k, v, positions, impl="torch", **kw)
+    sparse_tri.POISON_WORKSPACE = True
+    try:
+        got = span_attention(q, k, v, positions, impl="triton", **kw)
+    finally:
+        sparse_tri.POISON_WORKSPACE = False
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_triton_q_search():
+    q, k, v, _ = _inputs(22, 1, 2, 1, 200, 3, 16, dtype=torch.float32)
+    q_search = torch.randn_like(q)
+    positions = torch.tensor([199, 120, 64])
+    kw = dict(sw_index=3, search="anchor", combine="gate", q_search=q_search)
+    torch.testing.assert_close(span_attention(q, k, v, positions, impl="triton", **kw),
+                               span_attention(q, k, v, positions, impl="torch", **kw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("search,combine,dtype,path", [("summary", "union", torch.float32, "tiled"),
+                                                       ("anchor", "gate", torch.float16, "split"),
+                                                       ("summary", "gate", torch.float16, "tiled")])
+def test_triton_paged_forward_matches_reference(search, combine, dtype, path, monkeypatch):
+    """Chunked prefill then decode through the Triton path (output and workspace poisoned with NaN) equals
+    the backend's PyTorch path step for step, and the Triton bound update equals the PyTorch one."""
+    from longserve.kernels.triton import sparse as sparse_tri
+    from longserve.kernels.triton import superlinear as tri
+
+    # "tiled": every step (prefill chunks and decode tokens) through the prefill kernels
+    monkeypatch.setattr(sparse_tri, "_TILED_MIN_TOKENS", 1 if path == "tiled" else 10 ** 9)
+    sc = PagedScenario([37, 22], hq=4, hkv=2, d=16, block_size=8, dtype=dtype, seed=8)
+    params = dict(sw_index=2, search=search, combine=combine)  # W = 8
+    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch")))
+    ref_cache = sc.make_cache(backend.aux_specs(sc.hkv, sc.d))
+    tri_cache = LayerCache(ref_cache.k.clone(), ref_cache.v.clone(), {n: t.clone() for n, t in ref_cache.aux.items()})
+    sparse_tri.POISON_WORKSPACE = True
+    try:
+        for work in sc.schedule((17, 6), decode_steps=2):
+            meta = sc.meta(work)
+            q, k, v = sc.tensors(work)
+            want = backend.forward(0, q, k, v, ref_cache, meta, StepState())
+            out = torch.full_like(q, float("nan"))
+            got = tri.paged_forward(q, k, v, tri_cache, sc.meta(work), backend.params, out=out)
+            assert got.data_ptr() == out.data_ptr()
+            tol = 1e-5 if dtype == torch.float32 else 2e-3
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    finally:
+        sparse_tri.POISON_WORKSPACE = False
+    for name, table in ref_cache.aux.items():
+        torch.testing.assert_close(tri_cache.aux[name], table, rtol=0, atol=0)
