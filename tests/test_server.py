@@ -294,6 +294,7 @@ BAD_REQUESTS = [
     ("prompt of wrong type", "POST", C, completion(prompt=123), 400, "prompt"),
     ("prompt list mixing types", "POST", C, completion(prompt=["a", 1]), 400, "prompt"),
     ("empty prompt list", "POST", C, completion(prompt=[]), 400, "prompt"),
+    ("more prompts than the server can ever queue", "POST", C, completion(prompt=[[1]] * 1100), 400, "prompt"),
     ("missing prompt", "POST", C, {"model": MODEL_NAME}, 400, "prompt"),
     ("prompt token id outside the vocabulary", "POST", C, completion(prompt=[1, 10**9]), 400, "prompt"),
     ("max_tokens as a string", "POST", C, completion(max_tokens="ten"), 400, "max_tokens"),
