@@ -209,7 +209,7 @@ def _dense_calls(dtype: torch.dtype) -> None:
                 context_lens=torch.zeros(seqs, dtype=torch.int32),
                 query_start_loc=torch.zeros(seqs + 1, dtype=torch.int32), block_size=page,
                 context_lens_cpu=[2048] * seqs, query_lens_cpu=[query_len] * seqs)
-            tri.paged_attention(q, k_cache, k_cache.clone(), meta, num_splits=8 if query_len == 1 else None)
+            tri.paged_attention(q, k_cache, k_cache.clone(), meta, num_splits=200 if query_len == 1 else None)
             if query_len > 1 and page == 64:
                 k = torch.empty(tokens, kv_heads, head_dim, dtype=dtype)
                 tri.write_kv(k_cache, k_cache.clone(), k, k.clone(), meta.slot_mapping)

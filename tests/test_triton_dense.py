@@ -13,6 +13,8 @@ if not torch.cuda.is_available():  # before anything imports triton: it decides 
     os.environ["TRITON_INTERPRET"] = "1"
 
 import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
 import pytest  # noqa: E402
@@ -331,3 +333,20 @@ def test_engine_greedy_output_triton_equals_torch(tmp_path, monkeypatch):
     assert outputs["triton"] == outputs["torch"]
     assert all(len(t) == 6 for t in outputs["torch"])
     assert any(1 in lens and max(lens) > 1 for lens in calls), "no mixed prefill/decode step ran through Triton"
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_spills():
+    """Compiled for sm_90 with Triton's bundled ptxas (no GPU needed): no register spills, Hopper's warpgroup
+    MMA in the prefill kernel, asynchronous 16-byte copies feeding the decode kernel. Runs in a subprocess
+    because this module's kernels were decorated for the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "longserve.bench.kernel_report", "--only", "dense"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("_")]
+    assert {line.split()[0] for line in lines} == {"_decode_kernel", "_merge_kernel", "_prefill_kernel",
+                                                   "_write_kv_kernel"}
+    assert all(" stack=0 " in line for line in lines), proc.stdout
+    assert all("HGMMA" in line for line in lines if line.startswith("_prefill_kernel")), proc.stdout
+    assert all("LDGSTS" in line for line in lines if line.startswith("_decode_kernel")), proc.stdout

@@ -42,9 +42,11 @@ POISON_WORKSPACE = False
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
-# Decode: aim for this many programs per multiprocessor (so memory requests from several programs overlap),
-# but never give a split fewer keys than _MIN_SPLIT_TOKENS (the merge costs more than it saves below that).
-_DECODE_PROGRAMS_PER_SM = 4
+# Decode: aim for this many programs per multiprocessor. Several resident programs per multiprocessor keep
+# enough loads in flight, and 12 is a whole number of waves whether 1, 2, 3, 4 or 6 programs fit on one at
+# a time (registers and shared memory decide that), so the last wave is not a small tail. Never give a
+# split fewer keys than _MIN_SPLIT_TOKENS (the merge would cost more than the split saves).
+_DECODE_PROGRAMS_PER_SM = 12
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 256
 
@@ -77,14 +79,16 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, de
                       block_n: int = 64) -> int:
     """How many programs share one (sequence, KV head)'s context in the decode kernel.
 
-    Enough programs to fill the GPU (_DECODE_PROGRAMS_PER_SM per multiprocessor), never splits shorter
-    than _MIN_SPLIT_TOKENS. Any split count is correct for any context (each program divides its own
+    About _DECODE_PROGRAMS_PER_SM programs per multiprocessor, never splits shorter than
+    _MIN_SPLIT_TOKENS. Any split count is correct for any context (each program divides its own
     sequence's context on the device), so a CUDA graph captured for a batch bucket passes the count for
     the longest context it will serve and replays correctly at shorter ones.
     """
     if max_context_len <= 0 or num_seqs <= 0:
         return 1
-    wanted = cdiv(_DECODE_PROGRAMS_PER_SM * num_sms(device), num_seqs * num_kv_heads)
+    # Rounded down: a few programs short of the target leave the last wave nearly full, a few over start
+    # a nearly empty extra wave.
+    wanted = (_DECODE_PROGRAMS_PER_SM * num_sms(device)) // (num_seqs * num_kv_heads)
     longest_useful = cdiv(max_context_len, max(_MIN_SPLIT_TOKENS, block_n))
     return max(1, min(wanted, longest_useful, _MAX_SPLITS))
 
@@ -219,7 +223,7 @@ def _merge_kernel(O, LSE, OP, LSEP, query_start_loc,
                   stride_ps, stride_ph, stride_pk,
                   stride_lps, stride_lph,
                   num_splits,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     q_start = tl.load(query_start_loc + seq)
@@ -232,14 +236,22 @@ def _merge_kernel(O, LSE, OP, LSEP, query_start_loc,
     kmask = k < num_splits
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    lse = tl.load(LSEP + seq64 * stride_lps + head * stride_lph + k, mask=kmask, other=float("-inf"))
+    lse_row = LSEP + seq64 * stride_lps + head * stride_lph
+    part_row = OP + seq64 * stride_ps + head * stride_ph
+    lse = tl.load(lse_row + k, mask=kmask, other=float("-inf"))
     top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)  # no split saw a key: weights all 0, output 0
-    weight = tl.exp(lse - top)
-    total = tl.sum(weight, 0)
-    part = tl.load(OP + seq64 * stride_ps + head * stride_ph + k[:, None] * stride_pk + d[None, :],
-                   mask=kmask[:, None] & dmask[None, :], other=0.0)
-    out = tl.sum(part * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    total = tl.sum(tl.exp(lse - top), 0)
+    # The partial outputs in chunks of CHUNK splits: a [SPLITS_PAD, D] tile would not fit in registers.
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for first in range(0, num_splits, CHUNK):
+        c = first + tl.arange(0, CHUNK)
+        cmask = c < num_splits
+        weight = tl.exp(tl.load(lse_row + c, mask=cmask, other=float("-inf")) - top)
+        part = tl.load(part_row + c[:, None] * stride_pk + d[None, :], mask=cmask[:, None] & dmask[None, :],
+                       other=0.0)
+        acc += tl.sum(part * weight[:, None], 0)
+    out = acc / tl.where(total > 0, total, 1.0)
     tl.store(O + token * stride_ot + head * stride_oh + d, out.to(O.dtype.element_ty), mask=dmask)
     tl.store(LSE + token * stride_lt + head, tl.where(total > 0, top + tl.log(tl.where(total > 0, total, 1.0)),
                                                       float("-inf")))
@@ -490,7 +502,8 @@ def paged_attention_with_lse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
             _merge_kernel[(num_seqs, q_heads)](
                 out, lse, part_out, part_lse, query_start_loc,
                 out.stride(0), out.stride(1), lse.stride(0), *part_strides, num_splits,
-                HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=next_power_of_2(num_splits), num_warps=1 if head_dim <= 128 else 2)
+                HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=next_power_of_2(num_splits),
+                CHUNK=min(16, next_power_of_2(num_splits)), num_warps=4 if num_splits > 16 else 2)
 
     if meta.max_query_len > 1:
         g_pad = next_power_of_2(group)
