@@ -248,3 +248,40 @@ def time_decode(ctx: SuiteContext):
         del cache, q, k, v, out, sel
         if ctx.cuda:
             torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------- AOT compile report
+def _hylra_calls(dtype: torch.dtype) -> None:
+    """The HyLRA wrappers at serving shapes (Hq 32 / Hkv 8 / D 128, 64-token blocks; and D 64 with groups of 3
+    as in SmolLM2), decode and a prefill chunk, shared and per-head selection: for bench/kernel_report.py."""
+    from longserve.kernels.triton import hylra as tri
+
+    for hq, hkv, d, bs in ((32, 8, 128, 64), (9, 3, 64, 64)):
+        for seqs in ([(100_000, 1), (5000, 1)], [(20_000, 512)]):
+            nb = sum(-(-c // bs) for c, _ in seqs) + 1
+            cache = LayerCache(torch.empty(nb, hkv, bs, d, dtype=dtype), torch.empty(nb, hkv, bs, d, dtype=dtype),
+                               {"kmin": torch.empty(nb, hkv, d, dtype=dtype),
+                                "kmax": torch.empty(nb, hkv, d, dtype=dtype)})
+            t = sum(n for _, n in seqs)
+            width = max(-(-c // bs) for c, _ in seqs)
+            meta = AttentionMetadata(
+                positions=torch.zeros(t, dtype=torch.long), slot_mapping=torch.zeros(t, dtype=torch.long),
+                block_tables=torch.zeros(len(seqs), width, dtype=torch.int32),
+                context_lens=torch.tensor([c for c, _ in seqs], dtype=torch.int32),
+                query_start_loc=torch.tensor([0] + [sum(n for _, n in seqs[:i + 1]) for i in range(len(seqs))],
+                                             dtype=torch.int32),
+                block_size=bs, context_lens_cpu=[c for c, _ in seqs], query_lens_cpu=[n for _, n in seqs])
+            q = torch.empty(t, hq, d, dtype=dtype)
+            tri.update_block_bounds(cache.k, cache.aux["kmin"], cache.aux["kmax"], meta.slot_mapping)
+            for per_head in (False, True):
+                sel = tri.select(q, cache.aux["kmin"], cache.aux["kmax"], meta, topk_tokens=2048, sink_blocks=1,
+                                 recent_blocks=4, per_head=per_head, head_reduce="max", prefill_tile=64)
+                tri.attend(q, cache.k, cache.v, meta, sel)
+
+
+try:
+    from .kernel_report import register
+
+    register("hylra", _hylra_calls, ["longserve.kernels.triton.hylra"])
+except ImportError:  # the report is optional
+    pass

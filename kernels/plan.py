@@ -49,6 +49,17 @@ class AttentionPlan:
         mode = "full" if method == "dense" else "compute"
         return cls(method, [LayerPlan(mode) for _ in range(num_layers)], dict(params or {}))
 
+    @classmethod
+    def default(cls, method: str, num_layers: int, params: dict[str, Any] | None = None) -> "AttentionPlan":
+        """The plan used when no policy file is given: uniform, except that HyLRA keeps its first
+        min(2, num_layers // 2) layers dense (early layers attend broadly; every other layer computes
+        its own top-k)."""
+        plan = cls.uniform(method, num_layers, params)
+        if method == "hylra":
+            for i in range(min(2, num_layers // 2)):
+                plan.layers[i] = LayerPlan("full")
+        return plan
+
     def validate(self, num_layers: int | None = None) -> None:
         if num_layers is not None and len(self.layers) != num_layers:
             raise BackendError(f"policy has {len(self.layers)} layers but the model has {num_layers}")

@@ -66,7 +66,7 @@ def build_backend(method: str = "dense", num_layers: int | None = None, params: 
         if num_layers is None:
             raise ValueError("num_layers is needed when no plan is given")
         method_class(method)
-        plan = AttentionPlan.uniform(method, num_layers, params)
+        plan = AttentionPlan.default(method, num_layers, params)
     elif params:
         plan.params = {**plan.params, **params}
     return PlannedBackend(plan, impl)

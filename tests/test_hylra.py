@@ -358,7 +358,7 @@ def test_triton_selection_matches_reference(dtype, per_head, head_reduce):
     c = written_cache(case)
     ref.update_block_bounds(c.k, c.aux["kmin"], c.aux["kmax"], case.meta.slot_mapping)
     params = dict(topk_tokens=100, sink_blocks=1, recent_blocks=2, per_head=per_head, head_reduce=head_reduce,
-                  prefill_tile=8)
+                  prefill_tile=20)  # > 16: the scoring kernel walks a tile's queries in row chunks
     want = ref.select(case.q[0], c.aux["kmin"], c.aux["kmax"], case.meta, **params)
     got = tri.select(case.q[0], c.aux["kmin"], c.aux["kmax"], case.meta, **params)
     assert got.tiles == want.tiles
@@ -372,11 +372,12 @@ def test_triton_selection_matches_reference(dtype, per_head, head_reduce):
 @pytest.mark.parametrize("per_head", [False, True])
 def test_triton_attention_over_selected_blocks_matches_reference(dtype, tol, per_head):
     from longserve.kernels.triton import hylra as tri
-    case = triton_case(dtype, seed=6, hq=6, hkv=2, d=24)  # GQA group of 3, head_dim not a power of two
+    # GQA group of 3, head_dim not a power of two; 32-query tiles x 3 heads = 96 rows: two row chunks.
+    case = triton_case(dtype, seed=6, hq=6, hkv=2, d=24)
     c = written_cache(case)
     ref.update_block_bounds(c.k, c.aux["kmin"], c.aux["kmax"], case.meta.slot_mapping)
     sel = ref.select(case.q[0], c.aux["kmin"], c.aux["kmax"], case.meta, topk_tokens=64, sink_blocks=1,
-                     recent_blocks=2, per_head=per_head, head_reduce="max", prefill_tile=8)
+                     recent_blocks=2, per_head=per_head, head_reduce="max", prefill_tile=32)
     want = ref.attend(case.q[0], c.k, c.v, case.meta, sel)
     out = torch.full_like(case.q[0], float("nan"))
     tri.attend(case.q[0], c.k, c.v, case.meta, sel, out=out)
@@ -425,3 +426,50 @@ def test_triton_decode_selection_matches_reference_with_static_width():
     out = torch.full_like(case.q[0], float("nan"))
     tri.attend(case.q[0], c.k, c.v, case.meta, got, out=out)
     torch.testing.assert_close(out, ref.attend(case.q[0], c.k, c.v, case.meta, want), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- through the engine (tiny checkpoint)
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from longserve.engine.testing import tiny_checkpoint
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", arch="llama", num_hidden_layers=4)
+
+
+def test_engine_hylra_default_plan_and_covering_budget_equal_dense(tiny_ckpt):
+    from longserve.engine import LLM, SamplingParams
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [[(5 * i + 3 * j) % 250 + 3 for j in range(n)] for i, n in enumerate([70, 23, 131])]
+    opts = dict(model=str(tiny_ckpt), device="cpu", dtype="float32", block_size=16, num_kv_blocks=128,
+                max_num_batched_tokens=48)  # chunked prefill
+    dense = [o.outputs[0].token_ids for o in LLM(attention="dense", **opts).generate(prompts, greedy)]
+    llm = LLM(attention="hylra", **opts)
+    assert [lp.mode for lp in llm.engine.backend.plan.layers] == ["full", "full", "compute", "compute"]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] == dense
+
+
+def test_engine_hylra_sparse_budget_with_reuse_runs(tiny_ckpt, tmp_path):
+    from longserve.engine import LLM, SamplingParams
+    plan = hylra_plan(["full", "compute", ("reuse", 1), ("reuse", 1)], topk_tokens=48, sink_blocks=1,
+                      recent_blocks=1, prefill_tile=16)
+    plan.save(tmp_path / "p.json")
+    llm = LLM(model=str(tiny_ckpt), policy=str(tmp_path / "p.json"), device="cpu", dtype="float32", block_size=16,
+              num_kv_blocks=128, max_num_batched_tokens=64)
+    seen = []
+    method = llm.engine.backend.method
+    original = method.forward
+
+    def spy(layer_idx, q, k, v, cache, meta, state):
+        out = original(layer_idx, q, k, v, cache, meta, state)
+        if layer_idx == 1:
+            seen.append(state.selections[1])
+        return out
+
+    method.forward = spy
+    prompt = [(7 * j) % 250 + 3 for j in range(200)]
+    out = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 6
+    # Prefill chunks and decode steps were all sparse: at most 3 blocks (48 tokens) beyond each tile's own.
+    assert len(seen) == 4 + 5
+    last = seen[-1]
+    assert last.blocks.shape[-1] == 3 and len(last.tiles) == 1  # decode: one tile, 3 of 13 blocks

@@ -63,7 +63,7 @@ def _score_blocks_kernel(q, kmin, kmax, block_tables, tile_seq, tile_q_start, ti
                          s_qt, s_qh, s_mb, s_mh, s_bt, s_st, s_sh,
                          BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, GROUP: tl.constexpr, HEADS_PER_SEL: tl.constexpr,
-                         SINK: tl.constexpr, RECENT: tl.constexpr, SUM_HEADS: tl.constexpr):
+                         SINK: tl.constexpr, RECENT: tl.constexpr, SUM_HEADS: tl.constexpr, IEEE: tl.constexpr):
     t = tl.program_id(0)
     s = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -85,20 +85,29 @@ def _score_blocks_kernel(q, kmin, kmax, block_tables, tile_seq, tile_q_start, ti
         kptr = phys[:, None] * s_mb + kv_head * s_mh + cols[None, :]
         lo_keys = tl.load(kmin + kptr, mask=kmask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
         hi_keys = tl.load(kmax + kptr, mask=kmask, other=0.0).to(tl.float32)
-        rows = tl.arange(0, BLOCK_M)
         if SUM_HEADS:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         else:
             acc = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        if not IEEE:  # half-precision inputs: tensor-core dots, products exact, float32 sums
+            lo_keys = lo_keys.to(q.dtype.element_ty)
+            hi_keys = hi_keys.to(q.dtype.element_ty)
         for g in tl.static_range(HEADS_PER_SEL):
             head = s * HEADS_PER_SEL + g
-            qptr = q + (q_start + rows[:, None]) * s_qt + head * s_qh + cols[None, :]
-            qv = tl.load(qptr, mask=(rows[:, None] < q_len) & (cols[None, :] < D), other=0.0).to(tl.float32)
-            # Quest bound sum_d max(q_d kmin_d, q_d kmax_d) = relu(q).kmax + min(q, 0).kmin
-            bound = tl.dot(tl.maximum(qv, 0.0), tl.trans(hi_keys), input_precision="ieee")
-            bound += tl.dot(tl.minimum(qv, 0.0), tl.trans(lo_keys), input_precision="ieee")
-            bound = tl.where(rows[:, None] < q_len, bound, float("-inf"))
-            best = tl.max(bound, axis=0)  # max over the tile's queries
+            best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+            for m0 in range(0, q_len, BLOCK_M):  # the tile's queries, BLOCK_M rows at a time (few registers)
+                rows = m0 + tl.arange(0, BLOCK_M)
+                qptr = q + (q_start + rows[:, None]) * s_qt + head * s_qh + cols[None, :]
+                qv = tl.load(qptr, mask=(rows[:, None] < q_len) & (cols[None, :] < D), other=0.0).to(tl.float32)
+                # Quest bound sum_d max(q_d kmin_d, q_d kmax_d) = relu(q).kmax + min(q, 0).kmin
+                if IEEE:
+                    bound = tl.dot(tl.maximum(qv, 0.0), tl.trans(hi_keys), input_precision="ieee")
+                    bound += tl.dot(tl.minimum(qv, 0.0), tl.trans(lo_keys), input_precision="ieee")
+                else:
+                    bound = tl.dot(tl.maximum(qv, 0.0).to(hi_keys.dtype), tl.trans(hi_keys))
+                    bound += tl.dot(tl.minimum(qv, 0.0).to(lo_keys.dtype), tl.trans(lo_keys))
+                bound = tl.where(rows[:, None] < q_len, bound, float("-inf"))
+                best = tl.maximum(best, tl.max(bound, axis=0))  # max over the tile's queries
             if SUM_HEADS:
                 acc += best
             else:
@@ -116,15 +125,18 @@ def _attend_kernel(q, k_cache, v_cache, out, block_tables, context_lens, sel, se
                    GROUP: tl.constexpr, HEADS_PER_SEL: tl.constexpr, IEEE: tl.constexpr):
     t = tl.program_id(0)
     s = tl.program_id(1)
+    chunk = tl.program_id(2)
     seq = tl.load(tile_seq + t)
     q_start = tl.load(tile_q_start + t)
     q_len = tl.load(tile_q_len + t)
     first = tl.load(tile_first + t)
     ctx = tl.load(context_lens + seq)
     n_sel = tl.load(sel_count + t)
+    if chunk * BLOCK_R >= q_len * HEADS_PER_SEL:  # this tile has fewer rows than the widest one
+        n_sel = 0
     kv_head = (s * HEADS_PER_SEL) // GROUP
     # Rows = (query of the tile, head of the selection group): the GQA group's queries form one tile.
-    rows = tl.arange(0, BLOCK_R)
+    rows = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
     m = rows // HEADS_PER_SEL
     head = s * HEADS_PER_SEL + rows % HEADS_PER_SEL
     row_ok = m < q_len
@@ -227,9 +239,9 @@ def select(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, meta: Attent
         tile_t["last"], scores, max_blocks,
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), block_tables.stride(0), scores.stride(0),
         scores.stride(1),
-        BS=bs, D=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_M=max(16, next_power_of_2(max_q)), BLOCK_N=block_n,
+        BS=bs, D=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_M=16, BLOCK_N=block_n,
         GROUP=group, HEADS_PER_SEL=1 if per_head else group, SINK=sink_blocks, RECENT=recent_blocks,
-        SUM_HEADS=head_reduce == "sum")
+        SUM_HEADS=head_reduce == "sum", IEEE=q.dtype == torch.float32)
     # Forced blocks score +inf, invisible ones -inf, so the top `count` of each row are exactly the selection.
     top = scores.topk(width, dim=-1).indices
     keep = torch.arange(width, device=device)[None, None, :] < tile_t["count"][:, None, None]
@@ -270,11 +282,14 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: 
     max_q = max(t.q_end - t.q_start for t in tiles)
     scale = d ** -0.5 if scale is None else scale
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
-    _attend_kernel[(len(tiles), sel.shape[1])](
+    rows = max_q * heads_per_sel
+    # Row chunks of at most 64 (query, head) rows keep the float32 accumulator in registers.
+    block_r = min(max(16, next_power_of_2(rows)), 64 if d <= 128 else 32)
+    _attend_kernel[(len(tiles), sel.shape[1], triton.cdiv(rows, block_r))](
         q, k_cache, v_cache, out, block_tables, context_lens, sel, tile_t["count"],
         tile_t["seq"], tile_t["q_start"], tile_t["q_len"], tile_t["first"], scale * 1.4426950408889634,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), sel.stride(0), sel.stride(1),
-        BS=bs, D=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_R=max(16, next_power_of_2(max_q * heads_per_sel)),
+        BS=bs, D=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_R=block_r,
         GROUP=group, HEADS_PER_SEL=heads_per_sel, IEEE=q.dtype == torch.float32)
     return out
