@@ -498,3 +498,29 @@ def test_triton_backend_covering_budget_equals_dense():
     be = backend({"budget_tokens": 10**6}, impl="triton")
     run_schedule(world, be, decode_schedule({1: [50, 35], 2: [66]}, 2), compare_dense=True, atol=1e-4)
     assert be.table(1, 0).num_closed == 2
+
+
+# ---------------------------------------------------------------- through the engine
+
+@pytest.mark.slow
+def test_engine_routing_with_covering_budget_generates_like_dense_and_frees_state(tmp_path):
+    from longserve.engine import LLM, SamplingParams
+    from longserve.engine.testing import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "llama", arch="llama")
+    prompts = [[(7 * i + 3 * j + 1) % 200 + 1 for j in range(n)] for i, n in enumerate([70, 45])]
+    prompts.append(prompts[0][:60] + [9, 9, 9])  # a prefix-cache hit on the first prompt's blocks
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    opts = dict(device="cpu", dtype="float32", block_size=4, num_kv_blocks=512, max_num_batched_tokens=32)
+    dense = [o.outputs[0].token_ids for o in LLM(model=str(ckpt), **opts).generate(prompts, greedy)]
+    cfg = {**SMALL, "budget_tokens": 10**6}
+    llm = LLM(model=str(ckpt), attention="routing", attention_config=cfg, **opts)
+    routed = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+    assert routed == dense
+    method = llm.engine.backend.method
+    assert method.tracked_sequences() == [] and method.state_bytes() == 0  # freed with the requests
+    # A tight budget still runs end to end (and differs from dense only through the dropped keys).
+    tight = LLM(model=str(ckpt), attention="routing", attention_config={**SMALL, "budget_tokens": 4}, **opts)
+    outs = tight.generate(prompts, greedy)
+    assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
+    assert tight.engine.backend.method.tracked_sequences() == []
