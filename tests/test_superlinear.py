@@ -580,14 +580,14 @@ def test_triton_paged_forward_matches_reference(search, combine, dtype, path, mo
 
     # "tiled": every step (prefill chunks and decode tokens) through the prefill kernels
     monkeypatch.setattr(sparse_tri, "_TILED_MIN_TOKENS", 1 if path == "tiled" else 10 ** 9)
-    sc = PagedScenario([37, 22], hq=4, hkv=2, d=16, block_size=8, dtype=dtype, seed=8)
+    sc = PagedScenario([29, 13], hq=4, hkv=2, d=16, block_size=8, dtype=dtype, seed=8)
     params = dict(sw_index=2, search=search, combine=combine)  # W = 8
     backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch")))
     ref_cache = sc.make_cache(backend.aux_specs(sc.hkv, sc.d))
     tri_cache = LayerCache(ref_cache.k.clone(), ref_cache.v.clone(), {n: t.clone() for n, t in ref_cache.aux.items()})
     sparse_tri.POISON_WORKSPACE = True
     try:
-        for work in sc.schedule((17, 6), decode_steps=2):
+        for work in sc.schedule((11, 5), decode_steps=1):
             meta = sc.meta(work)
             q, k, v = sc.tensors(work)
             want = backend.forward(0, q, k, v, ref_cache, meta, StepState())
