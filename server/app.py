@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import os
@@ -36,7 +37,7 @@ from longserve import __version__
 from ..engine.errors import CapacityError, EngineError, RequestError
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import CompletionOutput, RequestOutput
-from .errors import APIError, from_exception, install_handlers, validation_error
+from .errors import APIError, error_response, from_exception, install_handlers, validation_error
 from .metrics import ServerMetrics
 from .protocol import (REQUEST_MODELS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        SamplingFields, TokenizeRequest)
@@ -495,6 +496,21 @@ async def chat_completions(state: ServerState, request: Request):
 # The app
 
 
+def answer_errors(endpoint):
+    """Turn every failure of an endpoint into its OpenAI-shaped response here, so none reaches Starlette's
+    last-resort handler (which would log a second traceback and re-raise into the server)."""
+    @functools.wraps(endpoint)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await endpoint(*args, **kwargs)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
+        except Exception as e:
+            return error_response(from_exception(e))
+
+    return wrapper
+
+
 def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI app around a running AsyncEngine (the caller owns the engine and shuts it down)."""
@@ -504,15 +520,12 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
     app.state.longserve = state
     install_handlers(app)
 
-    @app.exception_handler(ClientDisconnected)
-    async def _gone(request: Request, exc: ClientDisconnected):
-        return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
-
     def body_doc(model: type[BaseModel]) -> dict:
         return {"requestBody": {"required": True, "content": {"application/json": {
             "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
     @app.get("/health", summary="200 while the engine runs")
+    @answer_errors
     async def health():
         if engine.dead is not None:
             raise APIError(503, "The engine has stopped.", code="engine_dead")
@@ -521,6 +534,7 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
         return {"status": "ok"}
 
     @app.get("/version")
+    @answer_errors
     async def version():
         return {"version": __version__}
 
@@ -529,11 +543,13 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
                 "root": engine.model_name, "max_model_len": engine.max_model_len}
 
     @app.get("/v1/models")
+    @answer_errors
     async def list_models(request: Request):
         state.authorize(request)
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
+    @answer_errors
     async def get_model(model_id: str, request: Request):
         state.authorize(request)
         if model_id not in state.accepted_names:
@@ -541,18 +557,22 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
         return model_card()
 
     @app.get("/metrics")
+    @answer_errors
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions", openapi_extra=body_doc(CompletionRequest))
+    @answer_errors
     async def v1_completions(request: Request):
         return await completions(state, request)
 
     @app.post("/v1/chat/completions", openapi_extra=body_doc(ChatCompletionRequest))
+    @answer_errors
     async def v1_chat_completions(request: Request):
         return await chat_completions(state, request)
 
     @app.post("/tokenize", openapi_extra=body_doc(TokenizeRequest))
+    @answer_errors
     async def tokenize(request: Request):
         req: TokenizeRequest = await state.parse(request, TokenizeRequest)
         if (req.prompt is None) == (req.messages is None):
@@ -567,6 +587,7 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
         return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
 
     @app.post("/detokenize", openapi_extra=body_doc(DetokenizeRequest))
+    @answer_errors
     async def detokenize(request: Request):
         req: DetokenizeRequest = await state.parse(request, DetokenizeRequest)
         if state.tokenizer is None:

@@ -100,6 +100,8 @@ def server(tiny_model, tmp_path_factory):
     yield proc
     code = proc.stop()
     assert code == 0, f"server exited with {code} after SIGTERM:\n{proc.log_tail()}"
+    # Nothing the tests sent (bad requests, fuzzing, disconnects) made the server log a crash.
+    assert "Traceback" not in proc.log_path.read_text(), proc.log_tail(20000)
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,7 @@ def keyed_server(tiny_model_dir, tmp_path_factory):
     proc.wait_healthy()
     yield proc
     proc.stop()
+    assert "Traceback" not in proc.log_path.read_text(), proc.log_tail(20000)
 
 
 def metric(server, name: str) -> float:
