@@ -158,6 +158,6 @@ def run(args) -> int:
             return int(run_throughput(args) or 0)
         from .serve import run as run_serve
         return int(run_serve(args) or 0)
-    except BenchError as e:
+    except EngineError as e:  # BenchError, or the engine's (a model that does not load, ...)
         print(f"longserve bench {which}: error: {e}", file=sys.stderr)
         return 1

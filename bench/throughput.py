@@ -82,18 +82,21 @@ class Layout:
     def num_blocks(self) -> int:
         return self.context_blocks * self.context_regions + self.max_batch * self.private_per_seq + self.prefill_blocks
 
-    def context_table(self, seq: int) -> list[int]:
+    def context_table(self, seq: int) -> torch.Tensor:
         region = seq if self.context_regions > 1 else 0
         start = region * self.context_blocks
-        return list(range(start, start + self.context_blocks))
+        return torch.arange(start, start + self.context_blocks, dtype=torch.int32)
 
-    def private_table(self, seq: int) -> list[int]:
+    def private_table(self, seq: int) -> torch.Tensor:
         start = self.context_blocks * self.context_regions + seq * self.private_per_seq
-        return list(range(start, start + self.private_per_seq))
+        return torch.arange(start, start + self.private_per_seq, dtype=torch.int32)
 
-    def prefill_table(self) -> list[int]:
+    def prefill_table(self) -> torch.Tensor:
         start = self.context_blocks * self.context_regions + self.max_batch * self.private_per_seq
-        return list(range(start, start + self.prefill_blocks))
+        return torch.arange(start, start + self.prefill_blocks, dtype=torch.int32)
+
+    def decode_table(self, seq: int) -> torch.Tensor:
+        return torch.cat([self.context_table(seq), self.private_table(seq)])
 
 
 def make_layout(context: int, block_size: int, args) -> Layout:
@@ -357,14 +360,20 @@ class Runner:
         self.layout = layout
         self.bs = layout.block_size
 
-    def _meta(self, tables: list[list[int]], starts: list[int], lens: list[int], seq_ids: list[int]) -> AttentionMetadata:
+    def tables(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables [S, width] int32 on the host and on the device (built once per batch, not per step)."""
+        width = max(len(r) for r in rows)
+        cpu = torch.zeros((len(rows), width), dtype=torch.int32)
+        for i, r in enumerate(rows):
+            cpu[i, :len(r)] = r
+        return cpu, cpu.to(self.device)
+
+    def _meta(self, tables: tuple[torch.Tensor, torch.Tensor], starts: list[int], lens: list[int],
+              seq_ids: list[int]) -> AttentionMetadata:
         bs = self.bs
-        width = max(len(t) for t in tables)
-        table_cpu = torch.zeros((len(tables), width), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table_cpu[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        table_cpu, table_dev = tables
         positions = torch.cat([torch.arange(s, s + n, dtype=torch.long) for s, n in zip(starts, lens)])
-        rows = torch.repeat_interleave(torch.arange(len(tables)), torch.tensor(lens))
+        rows = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
         slots = table_cpu[rows, positions // bs].long() * bs + positions % bs
         qsl = [0]
         for n in lens:
@@ -372,7 +381,7 @@ class Runner:
         ctx = [s + n for s, n in zip(starts, lens)]
         dev = self.device
         return AttentionMetadata(
-            positions=positions.to(dev), slot_mapping=slots.to(dev), block_tables=table_cpu.to(dev),
+            positions=positions.to(dev), slot_mapping=slots.to(dev), block_tables=table_dev,
             context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev), block_size=bs,
             context_lens_cpu=ctx, query_lens_cpu=list(lens), seq_ids=list(seq_ids))
@@ -385,10 +394,11 @@ class Runner:
         last = (meta.query_start_loc[1:] - 1).long()
         return self.model.compute_logits(hidden[last]).argmax(dim=-1)
 
-    def decode(self, caches, backend, batch: int, warmup: int, steps: int, seed: int) -> float:
-        """Seconds per decode step (batch tokens per step), after `warmup` untimed steps."""
+    def decode(self, caches, backend, batch: int, warmup: int, steps: int, seed: int) -> tuple[float, int | None]:
+        """(seconds per decode step of `batch` tokens after `warmup` untimed steps, bytes of per-sequence state
+        the method holds, if it reports them through state_bytes())."""
         lay = self.layout
-        tables = [lay.context_table(b) + lay.private_table(b) for b in range(batch)]
+        tables = self.tables([lay.decode_table(b) for b in range(batch)])
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, self.config.vocab_size, (batch,), generator=gen).to(self.device)
         pos = lay.context
@@ -404,14 +414,17 @@ class Runner:
             pos += 1
         synchronize(self.device)
         elapsed = time.perf_counter() - t0
+        state_bytes = getattr(getattr(backend, "method", None), "state_bytes", None)
+        state_bytes = int(state_bytes()) if callable(state_bytes) else None
         for b in range(batch):
             backend.free_sequence(b)
-        return elapsed / steps
+        return elapsed / steps, state_bytes
 
-    def prefill(self, caches, backend, table: list[int], start: int, tokens: int, chunk: int, seq_id: int,
+    def prefill(self, caches, backend, table: torch.Tensor, start: int, tokens: int, chunk: int, seq_id: int,
                 seed: int, desc: str) -> float:
         """Seconds to prefill `tokens` random tokens at positions start.. in chunks (the last chunk samples)."""
         gen = torch.Generator().manual_seed(seed)
+        tables = self.tables([table])
         synchronize(self.device)
         t0 = time.perf_counter()
         with _progress(tokens, desc, unit="tok") as bar:
@@ -419,7 +432,7 @@ class Runner:
             while pos < start + tokens:
                 n = min(chunk, start + tokens - pos)
                 ids = torch.randint(0, self.config.vocab_size, (n,), generator=gen).to(self.device)
-                meta = self._meta([table], [pos], [n], [seq_id])
+                meta = self._meta(tables, [pos], [n], [seq_id])
                 self.step(ids, meta, caches, backend, sample=pos + n == start + tokens)
                 pos += n
                 bar.update(n)
@@ -551,6 +564,7 @@ def run(args) -> int:
         "context_sharing": "separate" if args.separate_contexts else "shared",
         "context_sharing_note": None if args.separate_contexts else SHARED_NOTE,
         "attention_impl": args.attention_impl,
+        "execution": "eager (no CUDA graphs); metadata built on the host every step, as the engine does",
         "attention_config": args.attention_config,
         "decode_steps": args.decode_steps,
         "warmup_steps": args.warmup_steps,
@@ -592,7 +606,7 @@ def _run_context(model, config, device, dtype, layout: Layout, backends: dict, a
         fill_synthetic(base, filled_blocks, args.seed)
 
     # The non-attention part of a decode step, per batch size (the same for every method).
-    null_step = {b: runner.decode(base, NullAttention(), b, 1, max(2, min(args.decode_steps, 4)), args.seed)
+    null_step = {b: runner.decode(base, NullAttention(), b, 1, max(2, min(args.decode_steps, 4)), args.seed)[0]
                  for b in args.batch}
 
     rows = []
@@ -612,7 +626,7 @@ def _run_context(model, config, device, dtype, layout: Layout, backends: dict, a
                 seconds = 0.0
                 for region in range(layout.context_regions):
                     seq = region if layout.context_regions > 1 else 0
-                    seconds += runner.prefill(caches, backend, layout.context_table(seq) + layout.private_table(seq),
+                    seconds += runner.prefill(caches, backend, layout.decode_table(seq),
                                               0, layout.context, args.prefill_chunk, seq, args.seed,
                                               f"{method}: prefilling context")
                     backend.free_sequence(seq)
@@ -620,18 +634,21 @@ def _run_context(model, config, device, dtype, layout: Layout, backends: dict, a
             prefill_tok_s = None
             if args.prefill_tokens:
                 seq_id = layout.max_batch
-                seconds = runner.prefill(caches, backend, layout.context_table(0) + layout.prefill_table(),
+                seconds = runner.prefill(caches, backend,
+                                         torch.cat([layout.context_table(0), layout.prefill_table()]),
                                          layout.context, args.prefill_tokens, args.prefill_chunk, seq_id, args.seed,
                                          f"{method}: prefill {args.prefill_tokens} tokens")
                 backend.free_sequence(seq_id)
                 prefill_tok_s = args.prefill_tokens / seconds
             for batch in args.batch:
-                step = runner.decode(caches, backend, batch, args.warmup_steps, args.decode_steps, args.seed)
+                step, state_bytes = runner.decode(caches, backend, batch, args.warmup_steps, args.decode_steps,
+                                                  args.seed)
                 peak, how_peak = peak_memory(device)
                 share = max(0.0, 1.0 - null_step[batch] / step) if step > 0 else None
                 rows.append({**common, "batch": batch, "decode_ms_per_step": step * 1e3,
                              "decode_tok_s": batch / step, "attention_share": share,
                              "non_attention_ms_per_step": null_step[batch] * 1e3, "prefill_tok_s": prefill_tok_s,
+                             "sequence_state_bytes": state_bytes,
                              "peak_memory_bytes": peak, "peak_memory_kind": how_peak, **extra})
                 print(f"context {format_tokens(layout.context)} {method} batch {batch}: "
                       f"{step * 1e3:.2f} ms/step, {batch / step:.1f} tok/s", file=sys.stderr)

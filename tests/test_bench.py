@@ -113,6 +113,34 @@ def test_throughput_prefill_mode_and_separate_contexts(tmp_path, capsys):
         assert r["kv_cache_bytes"] == 2 * 2 * (2 * 19 + 2 * 1) * 16 * 1 * 32 * 4
 
 
+def test_checkpoint_with_fewer_layers(tmp_path, capsys):
+    from longserve.engine.loader import load_model
+    from longserve.engine.testing import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", arch="qwen2", num_hidden_layers=3)
+    cfg, source, path = tp.model_config(str(ckpt), 2)
+    assert cfg.num_layers == 2 and source.startswith("checkpoint") and path == ckpt
+    cut = tp.load_checkpoint(path, cfg, torch.device("cpu"), torch.float32)
+    full = load_model(ckpt, "cpu", torch.float32, tokenizer=False).model
+    assert len(cut.layers) == 2
+    full_params = dict(full.named_parameters())
+    cut_params = dict(cut.named_parameters())
+    assert "layers.1.qkv_proj.weight" in cut_params and "layers.2.qkv_proj.weight" not in cut_params
+    for name, a in cut_params.items():
+        assert torch.equal(a, full_params[name]), name
+    out = tmp_path / "r.json"
+    rc = main(["bench", "throughput", "--model", str(ckpt), "--num-layers", "2", "--context", "64",
+               "--attention", "dense", "--decode-steps", "1", "--device", "cpu", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["model"]["config"]["num_layers"] == 2 and report["model"]["config"]["architecture"] == \
+        "Qwen2ForCausalLM"
+    rc = main(["bench", "throughput", "--model", str(ckpt), "--num-layers", "4", "--context", "64"])
+    assert rc == 1 and "exceeds the checkpoint's 3 layers" in capsys.readouterr().err
+    rc = main(["bench", "throughput", "--model", "no-such-model", "--context", "64"])
+    assert rc == 1 and "neither a preset" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_ci_one_million_tokens(tmp_path, capsys):
     """The CI run of the issue: tiny preset, 1M tokens of synthetic KV, dense and every sparse method."""
