@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import json
+import math
 import logging
 import os
 import signal
@@ -34,7 +36,7 @@ from pydantic import BaseModel, ValidationError
 
 from longserve import __version__
 
-from ..engine.errors import CapacityError, EngineError, RequestError
+from ..engine.errors import EngineError
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import CompletionOutput, RequestOutput
 from .errors import APIError, error_response, from_exception, install_handlers, validation_error
@@ -139,8 +141,6 @@ class SSEResponse(StreamingResponse):
 
 
 def sse(data: dict | str) -> str:
-    import json
-
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {text}\n\n"
 
@@ -265,6 +265,15 @@ def _check_outputs(out: RequestOutput) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Logprobs in the two OpenAI formats
 
+# JSON has no -Infinity: a token of probability 0 (suppressed by min_tokens) gets OpenAI's stand-in value.
+ZERO_PROBABILITY_LOGPROB = -9999.0
+
+
+def _logprob(value: float | None) -> float | None:
+    if value is None:
+        return None
+    return value if math.isfinite(value) else ZERO_PROBABILITY_LOGPROB
+
 
 def completion_logprobs(state: ServerState, c: CompletionOutput, start: int, end: int, offset: int) -> dict:
     """Legacy completions format for tokens [start, end): tokens, token_logprobs, top_logprobs, text_offset."""
@@ -275,8 +284,8 @@ def completion_logprobs(state: ServerState, c: CompletionOutput, start: int, end
         offsets.append(offset)
         offset += len(text)
         top = c.top_logprobs[i] if c.top_logprobs and i < len(c.top_logprobs) else []
-        tops.append({state.token_text(t): lp for t, lp in top})
-    lps = [(c.logprobs[i] if c.logprobs and i < len(c.logprobs) else None) for i in range(start, end)]
+        tops.append({state.token_text(t): _logprob(lp) for t, lp in top})
+    lps = [_logprob(c.logprobs[i]) if c.logprobs and i < len(c.logprobs) else None for i in range(start, end)]
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -286,10 +295,10 @@ def chat_logprobs(state: ServerState, c: CompletionOutput, start: int, end: int)
         text = state.token_text(c.token_ids[i])
         top = c.top_logprobs[i] if c.top_logprobs and i < len(c.top_logprobs) else []
         content.append({
-            "token": text, "logprob": c.logprobs[i] if c.logprobs and i < len(c.logprobs) else None,
+            "token": text, "logprob": _logprob(c.logprobs[i]) if c.logprobs and i < len(c.logprobs) else None,
             "bytes": list(text.encode("utf-8")),
-            "top_logprobs": [{"token": (t := state.token_text(tid)), "logprob": lp, "bytes": list(t.encode("utf-8"))}
-                             for tid, lp in top]})
+            "top_logprobs": [{"token": (t := state.token_text(tid)), "logprob": _logprob(lp),
+                              "bytes": list(t.encode("utf-8"))} for tid, lp in top]})
     return {"content": content}
 
 

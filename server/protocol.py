@@ -90,10 +90,6 @@ class SamplingFields(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-def _value_error(message: str) -> ValueError:
-    return ValueError(message)
-
-
 PromptType = Union[str, list[str], list[int], list[list[int]]]
 
 
@@ -110,18 +106,18 @@ class CompletionRequest(SamplingFields):
         if isinstance(value, str):
             return value
         if not isinstance(value, list):
-            raise _value_error(shape)
+            raise ValueError(shape)
         if not value:
-            raise _value_error("prompt must not be an empty list")
+            raise ValueError("prompt must not be an empty list")
         if all(isinstance(v, str) for v in value):
             return value
         if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return value
         if all(isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v) for v in value):
             if any(not v for v in value):
-                raise _value_error("prompt token-id lists must not be empty")
+                raise ValueError("prompt token-id lists must not be empty")
             return value
-        raise _value_error(shape)
+        raise ValueError(shape)
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         out = []
@@ -159,14 +155,14 @@ class ChatMessage(BaseModel):
         if value is None or isinstance(value, str):
             return value
         if not isinstance(value, list):
-            raise _value_error("content must be a string or a list of content parts")
+            raise ValueError("content must be a string or a list of content parts")
         for part in value:
             if not isinstance(part, dict) or "type" not in part:
-                raise _value_error("each content part must be an object with a 'type'")
+                raise ValueError("each content part must be an object with a 'type'")
             if part["type"] != "text":
-                raise _value_error(f"content parts of type {part['type']!r} are not supported (only 'text')")
+                raise ValueError(f"content parts of type {part['type']!r} are not supported (only 'text')")
             if not isinstance(part.get("text"), str):
-                raise _value_error("a text content part needs a string 'text'")
+                raise ValueError("a text content part needs a string 'text'")
         return value
 
     def text(self) -> str:
@@ -201,10 +197,10 @@ class ChatCompletionRequest(SamplingFields):
     @classmethod
     def _not_empty(cls, value: list[ChatMessage]) -> list[ChatMessage]:
         if not value:
-            raise _value_error("messages must not be empty")
+            raise ValueError("messages must not be empty")
         for m in value:
             if m.content is None and m.role != "assistant":
-                raise _value_error(f"a {m.role} message needs content")
+                raise ValueError(f"a {m.role} message needs content")
         return value
 
     def unsupported_fields(self) -> list[tuple[str, str]]:

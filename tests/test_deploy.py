@@ -187,7 +187,7 @@ def test_compose_file(serve_help, serve_parser, get_routes):
     parsed = check_serve_flags(command, serve_help, serve_parser, "docker-compose.yml")
     assert parsed.model
     env = server["environment"]
-    assert re.fullmatch(r"\$\{LONGSERVE_API_KEY:\?.+\}", env["LONGSERVE_API_KEY"]), "the API key comes from the environment"
+    assert re.fullmatch(r"\$\{LONGSERVE_API_KEY:\?.+\}", env["LONGSERVE_API_KEY"]), "API key from the environment"
     assert int(env["LONGSERVE_PORT"]) == PORT and env["LONGSERVE_HOST"] == "0.0.0.0"
     assert [compose_defaults(p).split(":")[-1] for p in server["ports"]] == [str(PORT)]
     device = server["deploy"]["resources"]["reservations"]["devices"][0]

@@ -54,8 +54,12 @@ class StubEngine:
             await asyncio.sleep(0)
             tokens = [70 + i for i in range(step + 1)]
             done = step == 2
+            # Logprobs of -inf (a token suppressed by min_tokens has probability 0).
+            lps = [float("-inf")] * len(tokens) if params.logprobs is not None else None
+            tops = [[(70, float("-inf"))]] * len(tokens) if params.logprobs is not None else None
             yield RequestOutput(request_id, prompt, [CompletionOutput(0, "x" * (step + 1), tokens,
-                                                                      "length" if done else None)], done, 0, metrics)
+                                                                      "length" if done else None, None, lps, tops)],
+                                done, 0, metrics)
 
 
 def call(engine, method: str, path: str, body: dict | None = None) -> httpx.Response:
@@ -122,3 +126,18 @@ def test_full_queue_is_a_503(tokenizer):
     engine.num_unfinished = 4  # max_waiting + max_num_seqs
     r = call(engine, "POST", "/v1/completions", BODY)
     assert r.status_code == 503 and r.json()["error"]["code"] == "server_overloaded"
+
+
+def test_zero_probability_logprobs_are_valid_json(tokenizer):
+    """JSON has no -Infinity; OpenAI reports -9999.0 for such tokens."""
+    r = call(StubEngine(tokenizer), "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    logprobs = r.json()["choices"][0]["logprobs"]
+    assert logprobs["token_logprobs"] == [-9999.0] * 3
+    r = call(StubEngine(tokenizer), "POST", "/v1/chat/completions",
+             {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 1, "stream": True})
+    events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [ch for e in events[:-1] for ch in json.loads(e)["choices"]]
+    content = [t for ch in chunks for t in (ch["logprobs"] or {}).get("content", [])]
+    assert content and all(t["logprob"] == -9999.0 and t["top_logprobs"][0]["logprob"] == -9999.0 for t in content)
