@@ -350,3 +350,13 @@ def test_kernels_compile_for_hopper_without_spills():
     assert all(" stack=0 " in line for line in lines), proc.stdout
     assert all("HGMMA" in line for line in lines if line.startswith("_prefill_kernel")), proc.stdout
     assert all("LDGSTS" in line for line in lines if line.startswith("_decode_kernel")), proc.stdout
+
+
+def test_split_count_uses_measured_residency():
+    # Hopper: 64K registers, 228 KB shared memory per multiprocessor
+    assert tri.residency(regs=80, warps=4, shared=38916) == 5  # shared memory bound
+    assert tri.residency(regs=168, warps=4, shared=20000) == 3  # register bound
+    assert tri.residency(regs=32, warps=1, shared=0) == 32  # the block limit
+    cpu = torch.device("cpu")  # 4 stand-in multiprocessors
+    assert tri.decode_num_splits(1, 2, 10_000_000, cpu, resident_per_sm=5) == 2 * 5 * 4 // 2
+    assert tri.decode_num_splits(1, 2, 10_000_000, cpu) == 12 * 4 // 2

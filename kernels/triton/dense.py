@@ -42,11 +42,13 @@ POISON_WORKSPACE = False
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
-# Decode: aim for this many programs per multiprocessor. Several resident programs per multiprocessor keep
-# enough loads in flight, and 12 is a whole number of waves whether 1, 2, 3, 4 or 6 programs fit on one at
-# a time (registers and shared memory decide that), so the last wave is not a small tail. Never give a
-# split fewer keys than _MIN_SPLIT_TOKENS (the merge would cost more than the split saves).
+# Decode: how many programs per multiprocessor to aim for. Programs of one decode step do equal work, so
+# the grid should be a whole number of "waves" (programs resident at once on every multiprocessor). Once a
+# decode kernel has been compiled its residency is known (registers, shared memory, warps): then two full
+# waves (the second absorbs unequal sequence lengths). Before that, 12 per multiprocessor, a whole number
+# of waves whether 1, 2, 3, 4 or 6 programs fit at a time.
 _DECODE_PROGRAMS_PER_SM = 12
+_DECODE_WAVES = 2
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 256
 
@@ -76,21 +78,56 @@ def default_config(head_dim: int, dtype: torch.dtype) -> DenseKernelConfig:
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device,
-                      block_n: int = 64) -> int:
+                      block_n: int = 64, resident_per_sm: int | None = None) -> int:
     """How many programs share one (sequence, KV head)'s context in the decode kernel.
 
-    About _DECODE_PROGRAMS_PER_SM programs per multiprocessor, never splits shorter than
-    _MIN_SPLIT_TOKENS. Any split count is correct for any context (each program divides its own
-    sequence's context on the device), so a CUDA graph captured for a batch bucket passes the count for
-    the longest context it will serve and replays correctly at shorter ones.
+    Enough programs for _DECODE_WAVES full waves when the decode kernel's residency is known
+    (resident_per_sm; paged_attention passes what it measured from the compiled kernel), else about
+    _DECODE_PROGRAMS_PER_SM per multiprocessor; rounded down (a few programs short leave the last wave
+    nearly full, a few over would start a nearly empty one); never splits shorter than _MIN_SPLIT_TOKENS.
+
+    Any split count is correct for any context (each program divides its own sequence's context on the
+    device), so a CUDA graph captured for a batch bucket may use the count for the longest context it will
+    serve and replays correctly at shorter ones.
     """
     if max_context_len <= 0 or num_seqs <= 0:
         return 1
-    # Rounded down: a few programs short of the target leave the last wave nearly full, a few over start
-    # a nearly empty extra wave.
-    wanted = (_DECODE_PROGRAMS_PER_SM * num_sms(device)) // (num_seqs * num_kv_heads)
+    per_sm = _DECODE_WAVES * resident_per_sm if resident_per_sm else _DECODE_PROGRAMS_PER_SM
+    wanted = (per_sm * num_sms(device)) // (num_seqs * num_kv_heads)
     longest_useful = cdiv(max_context_len, max(_MIN_SPLIT_TOKENS, block_n))
     return max(1, min(wanted, longest_useful, _MAX_SPLITS))
+
+
+# (device, decode kernel specialisation) -> programs of it resident per multiprocessor, read off the
+# compiled kernel after its first launch.
+_DECODE_RESIDENCY: dict[tuple, int] = {}
+
+
+def _resident_per_sm(compiled, device: torch.device) -> int | None:
+    """Programs of a compiled kernel that fit on one multiprocessor at once, or None where unknown (the
+    interpreter, or a Triton whose compiled-kernel object lacks these fields)."""
+    if device.type != "cuda" or compiled is None:
+        return None
+    try:
+        regs = int(compiled.n_regs)
+        warps = int(compiled.metadata.num_warps)
+        shared = int(compiled.metadata.shared)
+        props = torch.cuda.get_device_properties(device)
+    except Exception:  # a field moved in another Triton version: fall back to the static target
+        return None
+    return residency(regs, warps, shared, getattr(props, "regs_per_multiprocessor", 65536),
+                     getattr(props, "shared_memory_per_multiprocessor", 228 * 1024),
+                     getattr(props, "max_threads_per_multi_processor", 2048))
+
+
+def residency(regs: int, warps: int, shared: int, regs_per_sm: int = 65536, shared_per_sm: int = 228 * 1024,
+              threads_per_sm: int = 2048) -> int:
+    """Blocks of a kernel resident per multiprocessor (defaults: Hopper), from its registers per thread,
+    warps per block and shared memory per block."""
+    threads = 32 * warps
+    by_regs = regs_per_sm // max(1, -(-regs // 8) * 8 * threads)  # registers are allocated 8 per thread at a time
+    by_shared = shared_per_sm // (shared + 1024) if shared else 32  # the driver reserves 1 KB per block
+    return max(1, min(by_regs, by_shared, threads_per_sm // threads, 32))
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -476,11 +513,14 @@ def paged_attention_with_lse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
                       block_tables.stride(0))
 
     if any(n == 1 for n in meta.query_lens_cpu):
+        g_pad = max(16, next_power_of_2(group))  # tl.dot wants at least 16 rows
+        residency_key = (device, q.dtype, group, head_dim, page, cfg.decode_block_n, cfg.decode_warps,
+                         cfg.decode_stages)
         if num_splits is None:
-            num_splits = decode_num_splits(num_seqs, kv_heads, meta.max_context_len, device, cfg.decode_block_n)
+            num_splits = decode_num_splits(num_seqs, kv_heads, meta.max_context_len, device, cfg.decode_block_n,
+                                           _DECODE_RESIDENCY.get(residency_key))
         if num_splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-        g_pad = max(16, next_power_of_2(group))  # tl.dot wants at least 16 rows
         if num_splits == 1:
             part_out, part_lse = out, lse  # unused: the kernel writes the final result directly
             part_strides = (0, 0, 0, 0, 0)
@@ -492,12 +532,16 @@ def paged_attention_with_lse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
                 part_lse.fill_(float("nan"))
             part_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2),
                             part_lse.stride(0), part_lse.stride(1))
-        _decode_kernel[(num_seqs, kv_heads, num_splits)](
+        compiled = _decode_kernel[(num_seqs, kv_heads, num_splits)](
             q, k_cache, v_cache, out, lse, part_out, part_lse,
             positions, block_tables, context_lens, query_start_loc,
             qk_scale, *common_strides, *part_strides, num_splits,
             G=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.decode_block_n, PAGE=page,
             DIRECT=num_splits == 1, IEEE=ieee, num_warps=cfg.decode_warps, num_stages=cfg.decode_stages)
+        if num_splits > 1 and residency_key not in _DECODE_RESIDENCY:
+            resident = _resident_per_sm(compiled, device)
+            if resident:
+                _DECODE_RESIDENCY[residency_key] = resident
         if num_splits > 1:
             _merge_kernel[(num_seqs, q_heads)](
                 out, lse, part_out, part_lse, query_start_loc,
