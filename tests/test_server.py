@@ -31,7 +31,7 @@ MAX_REQUEST_BYTES = 65536
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The server process (shared with test_server_lifecycle.py)
+# The server process (test_server_lifecycle.py starts its own with ServerProcess)
 
 
 def free_port() -> int:
@@ -83,14 +83,14 @@ class ServerProcess:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     from longserve.engine.testing import tiny_checkpoint
 
     return Path(tiny_checkpoint(tmp_path_factory.mktemp("server-model") / "llama", arch="llama"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     proc = ServerProcess(tiny_model, tmp_path_factory.mktemp("server-log") / "server.log",
                          "--served-model-name", MODEL_NAME, "--max-model-len", str(MAX_MODEL_LEN),
@@ -104,7 +104,7 @@ def server(tiny_model, tmp_path_factory):
     assert "Traceback" not in proc.log_path.read_text(), proc.log_tail(20000)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=60)
 
