@@ -325,6 +325,7 @@ def check_cuda_graph(ctx: SuiteContext):
 def _free_bytes(ctx: SuiteContext) -> int:
     if not ctx.cuda:
         return 1 << 40
+    torch.cuda.empty_cache()  # blocks the caching allocator holds from the previous row count as free
     free, _ = torch.cuda.mem_get_info(ctx.device)
     return free
 

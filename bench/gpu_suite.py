@@ -302,10 +302,12 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+_ROW = "{:<18} {:<30} {:>10} {:>6} {:>7} | {:<16} {:>10} {:>6} | {:>6}  {}"
+
+
 def _format_row(r: TimingRow) -> str:
-    return (f"{r.name:<18} {r.case:<26} {_fmt(r.ms, '9.3f')} ms  {_fmt(r.tbps, '5.2f')} TB/s "
-            f"{_fmt(r.tflops, '6.1f')} TF/s | {r.baseline:<16} {_fmt(r.baseline_ms, '9.3f')} ms "
-            f"{_fmt(r.baseline_tbps, '5.2f')} TB/s | x{_fmt(r.speed_ratio, '.2f')} {r.note}")
+    return _ROW.format(r.name, r.case, _fmt(r.ms, ".3f"), _fmt(r.tbps, ".2f"), _fmt(r.tflops, ".1f"), r.baseline,
+                       _fmt(r.baseline_ms, ".3f"), _fmt(r.baseline_tbps, ".2f"), _fmt(r.speed_ratio, ".2f"), r.note)
 
 
 def summary_table(checks: list[CheckResult], rows: list[TimingRow]) -> str:
@@ -317,8 +319,8 @@ def summary_table(checks: list[CheckResult], rows: list[TimingRow]) -> str:
     for c in failed:
         lines.append(f"  FAILED {c.name} {c.case}: err={c.error:.2e} tol={c.tolerance:.0e} {c.detail}")
     if rows:
-        lines.append(f"{'timing':<18} {'case':<26} {'ours ms':>9}     {'TB/s':>5}      {'TF/s':>6}      | "
-                     f"{'baseline':<16} {'ms':>9}    {'TB/s':>5}      | ratio")
+        lines.append(_ROW.format("timing", "case", "ours ms", "TB/s", "TFLOP/s", "baseline", "ms", "TB/s",
+                                 "ratio", "note (ratio = baseline time / ours)"))
         lines.extend(_format_row(r) for r in rows)
     return "\n".join(lines)
 

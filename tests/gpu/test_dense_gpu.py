@@ -38,7 +38,7 @@ def test_suite_dense_checks_pass_at_full_size():
 def test_decode_long_context_production_layout(dtype):
     """Two sequences of ~300K tokens, Hq 32 / Hkv 8 / D 128, 64-token blocks: the automatic split count."""
     case = make_case([(300_001, 1), (262_144, 1)], kv_heads=8, group=4, head_dim=128, page=64, dtype=dtype,
-                     device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+                     device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(1))
     out, lse = run(case)
     want, want_lse = reference_f64(case.q, case.k_cache, case.v_cache, case.meta)
     assert relative_error(out, want) <= (1e-5 if dtype == torch.float32 else TOLERANCE[dtype])
@@ -49,7 +49,7 @@ def test_decode_long_context_production_layout(dtype):
 def test_prefill_chunk_after_long_prefix(dtype):
     """An 8K chunk after a 24K cached prefix and a fresh 3000-token prompt in the same step."""
     case = make_case([(32 * 1024, 8 * 1024), (3000, 3000)], kv_heads=8, group=4, head_dim=128, page=64, dtype=dtype,
-                     device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(2))
+                     device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(2))
     out, lse = run(case)
     want, want_lse = reference_f64(case.q, case.k_cache, case.v_cache, case.meta)
     assert relative_error(out, want) <= (1e-5 if dtype == torch.float32 else TOLERANCE[dtype])
@@ -59,7 +59,7 @@ def test_prefill_chunk_after_long_prefix(dtype):
 def test_decode_never_synchronises_with_the_host():
     """CUDA-graph capturable: no .item()/.tolist()/.cpu() on the decode path."""
     case = make_case([(5000, 1)] * 4, kv_heads=8, group=4, head_dim=128, page=64, dtype=torch.bfloat16,
-                     device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(3))
+                     device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(3))
     out = torch.empty_like(case.q)
     tri().paged_attention(case.q, case.k_cache, case.v_cache, case.meta, out=out)  # compile outside the check
     torch.cuda.synchronize()
