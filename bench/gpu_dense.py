@@ -185,8 +185,10 @@ def check_write_kv(ctx: SuiteContext):
             kept = slots[keep]
             got_k = k_cache[kept // page, :, kept % page]
             got_v = v_cache[kept // page, :, kept % page]
-            wrong = float((got_k.double() - k[keep].double()).abs().max() + (got_v.double() - v[keep].double()).abs().max()) \
-                if bool(keep.any()) else 0.0
+            wrong = 0.0
+            if bool(keep.any()):
+                wrong = float((got_k.double() - k[keep].double()).abs().max()
+                              + (got_v.double() - v[keep].double()).abs().max())
             untouched = int(torch.isnan(k_cache).sum() + torch.isnan(v_cache).sum())
             expected = 2 * (k_cache.numel() - int(keep.sum()) * kv_heads * head_dim)
             ok = wrong == 0.0 and untouched == expected
@@ -299,7 +301,9 @@ def check_cuda_graph(ctx: SuiteContext):
         meta = case.meta
         out = torch.full_like(case.q, float("nan"))
         splits = tri.decode_num_splits(4, kv_heads, longest, ctx.device)
-        run = lambda: tri.paged_attention(case.q, case.k_cache, case.v_cache, meta, out=out, num_splits=splits)  # noqa: E731
+
+        def run():
+            tri.paged_attention(case.q, case.k_cache, case.v_cache, meta, out=out, num_splits=splits)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ..base import AttentionMetadata
-from .common import cdiv, check_same_device, interpreting, next_power_of_2, num_sms
+from .common import cdiv, check_same_device, next_power_of_2, num_sms
 
 # Tests set this to fill the split-KV workspace with NaN first, proving the merge never reads a partial
 # result that no program wrote.
