@@ -600,3 +600,28 @@ def test_triton_paged_forward_matches_reference(search, combine, dtype, path, mo
         sparse_tri.POISON_WORKSPACE = False
     for name, table in ref_cache.aux.items():
         torch.testing.assert_close(tri_cache.aux[name], table, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+def test_engine_serves_with_superlinear(tmp_path):
+    """Through the engine: below the window superlinear attention is dense attention (same greedy tokens);
+    a short window changes them; bad parameters are a one-line error."""
+    from longserve.engine import LLM, SamplingParams
+    from longserve.engine.testing import tiny_checkpoint
+
+    path = str(tiny_checkpoint(tmp_path / "tiny"))
+    prompts = ["span attention reads a few spans and a window " * 3, "a second prompt"]
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    kw = dict(device="cpu", dtype="float32", block_size=16, num_kv_blocks=64)
+
+    def tokens(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+    dense = tokens(LLM(model=path, attention="dense", **kw))
+    assert tokens(LLM(model=path, attention="superlinear", **kw)) == dense
+    short = tokens(LLM(model=path, attention="superlinear", attention_config={
+        "sw_index": 3, "search": "anchor", "combine": "gate", "num_spans": 1}, **kw))
+    assert short != dense
+    with pytest.raises(Exception, match="search_power must lie strictly between 0 and 1"):
+        LLM(model=path, attention="superlinear", attention_config={"search_power": 1.5}, **kw)

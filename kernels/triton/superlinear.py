@@ -98,14 +98,36 @@ class StepGeometry:
     max_blocks: int  # host bound on a sequence's key blocks
 
 
+_TABLES: dict[tuple[float, int, str], torch.Tensor] = {}
+
+
+def positions_capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _device_table(search_power: float, bucket: int, device: torch.device) -> torch.Tensor:
+    """The stripe table on the device, built once per (power, length bucket): a decode step (and a CUDA
+    graph capturing it) then copies nothing from the host."""
+    key = (float(search_power), bucket, str(device))
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = ref.stripe_table(search_power, bucket, device)
+    return table
+
+
 def step_geometry(meta: AttentionMetadata, params: SpanParams, device: torch.device) -> StepGeometry:
-    """Computed once per step and kept on the metadata object (every layer of a step sees the same one)."""
-    key = (params, meta.positions.data_ptr(), meta.positions._version, meta.num_tokens, meta.max_context_len)
+    """Computed once per step and kept on the metadata object (every layer of a step sees the same one).
+
+    While a CUDA graph is being captured only a geometry computed inside the capture is reused, so the
+    graph recomputes it on every replay (a warm-up before the capture must not leave a stale one)."""
+    capturing = positions_capturing(meta.positions)
+    key = (params, meta.positions.data_ptr(), meta.positions._version, meta.num_tokens, meta.max_context_len,
+           capturing)
     cached = getattr(meta, "_superlinear_geometry", None)
     if cached is not None and cached[0] == key:
         return cached[1]
     bucket = ref._bucket(max(meta.max_context_len, 1))
-    table = ref.stripe_table(params.search_power, bucket, device)
+    table = _device_table(params.search_power, bucket, device)
     pos = meta.positions.to(torch.int64)
     t = pos + 1
     n = torch.searchsorted(table[1].contiguous(), t, right=True) - 1 - params.sw_index
