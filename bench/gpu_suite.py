@@ -147,11 +147,11 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 class SuiteContext:
     """What check and timing functions get: the device, the mode, helpers to compare and to time."""
 
-    def __init__(self, device: torch.device, quick: bool, budget_s: float, seed: int = 0):
+    def __init__(self, device: torch.device, quick: bool, budget_s: float, seed: int = 0, tiny: bool | None = None):
         self.device = device
         self.cuda = device.type == "cuda"
         self.quick = quick
-        self.tiny = not self.cuda  # the interpreter: tiny shapes only
+        self.tiny = (not self.cuda) if tiny is None else tiny  # tiny shapes (always in the interpreter)
         self.started = time.monotonic()
         self.budget_s = budget_s
         self.seed = seed
