@@ -126,7 +126,10 @@ def memory_need(config: ModelConfig, dtype: torch.dtype, device: torch.device, l
     # values, in float32) and build float32 scores over it; the Triton paths need little beyond activations.
     ctx = layout.context + layout.private_per_seq * layout.block_size
     tokens = max(max(args.batch), min(args.prefill_chunk, args.prefill_tokens or 0), 1)
-    activations = tokens * (config.hidden_size * 4 + 2 * config.intermediate_size + config.vocab_size) * 4
+    # float32-sized activations of the step's tokens (norms, q/k/v with RoPE in float32, the MLP's gate/up),
+    # logits only for the sampled rows.
+    activations = (tokens * (6 * config.hidden_size + 4 * config.intermediate_size + 2 * config.q_size) * 4
+                   + max(args.batch) * config.vocab_size * 8)
     if device.type == "cuda":
         workspace = GiB + activations
     else:
@@ -188,6 +191,8 @@ def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, ar
             hints.append("even --num-layers 1 does not fit at this context")
         fit_ctx = _largest_fitting_context(config, dtype, device, args, aux_per_block, block_size, available)
         hints.append(f"--context {format_tokens(fit_ctx)} fits" if fit_ctx else "no context fits with these weights")
+        if dtype == torch.float32:
+            hints.append("--dtype bf16 halves the weights and the KV cache")
         if max(args.batch) > 1 and args.separate_contexts:
             hints.append("or drop --separate-contexts / lower --batch")
         raise BenchError(
@@ -402,18 +407,21 @@ class Runner:
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, self.config.vocab_size, (batch,), generator=gen).to(self.device)
         pos = lay.context
-        for _ in range(warmup):
-            ids = self.step(ids, self._meta(tables, [pos] * batch, [1] * batch, list(range(batch))), caches,
-                            backend, sample=True)
-            pos += 1
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            ids = self.step(ids, self._meta(tables, [pos] * batch, [1] * batch, list(range(batch))), caches,
-                            backend, sample=True)
-            pos += 1
-        synchronize(self.device)
-        elapsed = time.perf_counter() - t0
+        with _progress(warmup + steps, f"{backend.name}: decode batch {batch}", unit="step") as bar:
+            for _ in range(warmup):
+                ids = self.step(ids, self._meta(tables, [pos] * batch, [1] * batch, list(range(batch))), caches,
+                                backend, sample=True)
+                pos += 1
+                bar.update()
+            synchronize(self.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                ids = self.step(ids, self._meta(tables, [pos] * batch, [1] * batch, list(range(batch))), caches,
+                                backend, sample=True)
+                pos += 1
+                bar.update()
+            synchronize(self.device)
+            elapsed = time.perf_counter() - t0
         state_bytes = getattr(getattr(backend, "method", None), "state_bytes", None)
         state_bytes = int(state_bytes()) if callable(state_bytes) else None
         for b in range(batch):
@@ -582,8 +590,12 @@ def run(args) -> int:
     if args.plot:
         from .plotting import plot_throughput
 
-        plot_throughput(report, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
+        try:
+            plot_throughput(report, args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+        except ImportError as e:  # a GPU image without matplotlib: the JSON still holds every figure
+            print(f"no plot: {e} (pip install matplotlib)", file=sys.stderr)
+            return 1
     failed = [r for r in results if r.get("error")]
     return 1 if failed and len(failed) == len(results) else 0
 
