@@ -444,3 +444,40 @@ def time_prefill(ctx: SuiteContext):
                                q_heads, kv_heads, head_dim, page, dtype)
         yield TimingRow("superlinear.prefill", f"128K prompt summary/union", ours_s * 1e3, baseline="dense triton",
                         baseline_ms=dense_s * 1e3, note=f"{small / ours_s:.0f} tok/s vs dense {small / dense_s:.0f} tok/s")
+
+
+# --------------------------------------------------------------------- compiled code (bench/kernel_report.py)
+
+def _kernel_report_calls(dtype: torch.dtype) -> None:
+    """Representative launches of every superlinear kernel for `python -m longserve.bench.kernel_report`
+    (compiled for sm_90 without a GPU): Hq 32 / Hkv 8 / D 128, 64- and 16-token blocks, decode (split-K)
+    and a prefill chunk (tiled), anchor/gate and summary/union."""
+    from ..kernels.triton import superlinear as tri
+
+    q_heads, kv_heads, head_dim = 32, 8, 128
+    for page in (64, 16):
+        blocks = 4096 // page * 2
+        cache = LayerCache(torch.empty(blocks, kv_heads, page, head_dim, dtype=dtype),
+                           torch.empty(blocks, kv_heads, page, head_dim, dtype=dtype),
+                           {"kmin": torch.empty(blocks, kv_heads, head_dim, dtype=dtype),
+                            "kmax": torch.empty(blocks, kv_heads, head_dim, dtype=dtype)})
+        table = torch.arange(blocks, dtype=torch.int32).view(2, -1)
+        for query_len in ((1, 512) if page == 64 else (1,)):
+            seqs = [(4096 - 7, query_len), (4096 - 100, query_len)]
+            meta = make_meta(seqs, table, page, torch.device("cpu"),
+                             slot_mapping=torch.zeros(2 * query_len, dtype=torch.int64))
+            q = torch.empty(meta.num_tokens, q_heads, head_dim, dtype=dtype)
+            k = torch.empty(meta.num_tokens, kv_heads, head_dim, dtype=dtype)
+            for search, combine in MODES:
+                params = make_params(dict(sw_index=15, search=search, combine=combine))  # window 255
+                tri.paged_forward(q, k, k.clone(), cache, meta, params)
+
+
+try:
+    from .kernel_report import register as _register_report
+
+    _register_report("superlinear", _kernel_report_calls,
+                     ["longserve.kernels.triton.superlinear", "longserve.kernels.triton.sparse",
+                      "longserve.kernels.triton.dense"])
+except ImportError:  # the report module is optional for the suite
+    pass
