@@ -144,7 +144,8 @@ class SuperlinearBackend:
 
 
 def paged_reference(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, params: SpanParams) -> torch.Tensor:
-    """Span attention of every step token over its sequence's paged cache (already written)."""
+    """Span attention of every step token over its sequence's paged cache (already written), PyTorch:
+    reads only the anchors or block bounds and the attended keys (kernels/reference/superlinear.py)."""
     out = torch.empty_like(q)
     for i in range(meta.num_seqs):
         sl = meta.query_slice(i)
@@ -152,10 +153,8 @@ def paged_reference(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata,
             continue
         ctx = meta.context_lens_cpu[i]
         table = meta.block_tables[i]
-        keys = dense_ref.gather_kv(cache.k, table, ctx)
-        values = dense_ref.gather_kv(cache.v, table, ctx)
         bounds = gather_block_bounds(cache, table, ctx) if params.search == "summary" else None
-        o = ref.span_attention_single(q[sl].transpose(0, 1), keys, values, meta.positions[sl], params,
-                                      bounds=bounds, block_size=cache.block_size)
+        o = ref.paged_span_attention(q[sl].transpose(0, 1), cache.k, cache.v, table, meta.positions[sl], params,
+                                     bounds=bounds)
         out[sl] = o.transpose(0, 1)
     return out

@@ -25,6 +25,7 @@ import bisect
 import functools
 import math
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -238,22 +239,51 @@ def range_max(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch
     return torch.maximum(a, b).reshape(lo.shape)
 
 
-def search_scores(qs: torch.Tensor, k: torch.Tensor, geom: SpanGeometry, params: SpanParams, *,
+@dataclass(frozen=True)
+class KeyRows:
+    """A key (or value) source: rows(heads, positions) gives the rows of those KV heads at those
+    positions, broadcasting heads against positions and appending D. Contiguous [Hkv, N, D] tensors and
+    one sequence of the paged cache both provide one, so the search and the gathered attention serve both."""
+
+    fetch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    num_kv_heads: int
+
+    def __call__(self, heads: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.fetch(heads, positions)
+
+
+def contiguous_rows(x: torch.Tensor) -> KeyRows:
+    """Rows of a contiguous [Hkv, N, D] tensor."""
+    return KeyRows(lambda heads, pos: x[heads, pos], x.shape[0])
+
+
+def paged_rows(cache: torch.Tensor, block_table: torch.Tensor) -> KeyRows:
+    """Rows of one sequence in a paged cache [num_blocks, Hkv, block_size, D] (head-major blocks)."""
+    bs = cache.shape[2]
+    table = block_table.long()
+    return KeyRows(lambda heads, pos: cache[table[pos // bs], heads, pos % bs], cache.shape[1])
+
+
+def search_scores(qs: torch.Tensor, k: torch.Tensor | KeyRows, geom: SpanGeometry, params: SpanParams, *,
                   bounds: tuple[torch.Tensor, torch.Tensor] | None, block_size: int) -> torch.Tensor:
     """Search score of every (query head, query, stripe): [Hq, M, S] (-inf where the stripe is invalid).
 
-    qs [Hq, M, D], k [Hkv, N, D]. Anchor search: raw qs . K[anchor]. Summary search: max over the blocks
-    the span touches of the Quest bound (bounds = per-block (kmin, kmax) [Hkv, nb, D])."""
+    qs [Hq, M, D], k [Hkv, N, D] (or a key source: rows(heads, positions)). Anchor search: raw
+    qs . K[anchor]. Summary search: max over the blocks the span touches of the Quest bound (bounds =
+    per-block (kmin, kmax) [Hkv, nb, D]; computed from k when None and k is a tensor)."""
     hq, m, d = qs.shape
-    hkv = k.shape[0]
-    g = hq // hkv
     acc = torch.float64 if qs.dtype == torch.float64 else torch.float32
     qf = qs.to(acc)
     if params.search == "anchor":
-        keys = k[:, geom.anchors.clamp_min(0)].to(acc)  # [Hkv, M, S, D]
-        scores = torch.einsum("hgmd,hmsd->hgms", qf.view(hkv, g, m, d), keys).reshape(hq, m, -1)
+        rows = contiguous_rows(k) if isinstance(k, torch.Tensor) else k
+        hkv = rows.num_kv_heads
+        kv_heads = torch.arange(hkv, device=qs.device)[:, None, None]
+        keys = rows(kv_heads, geom.anchors.clamp_min(0)[None]).to(acc)  # [Hkv, M, S, D]
+        scores = torch.einsum("hgmd,hmsd->hgms", qf.view(hkv, hq // hkv, m, d), keys).reshape(hq, m, -1)
     else:
         if bounds is None:
+            if not isinstance(k, torch.Tensor):
+                raise ValueError("summary search over a key source needs the block bounds")
             bounds = block_bounds(k, block_size)
         kmin, kmax = (b.to(acc) for b in bounds)
         ub = block_upper_bounds(qf, kmin, kmax)  # [Hq, M, nb]
@@ -274,7 +304,7 @@ class Selection:
     ends: torch.Tensor  # int64 last key (inclusive)
 
 
-def select_spans(qs: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, params: SpanParams, *,
+def select_spans(qs: torch.Tensor, k: torch.Tensor | KeyRows, positions: torch.Tensor, params: SpanParams, *,
                  bounds: tuple[torch.Tensor, torch.Tensor] | None = None, block_size: int = 64,
                  ) -> tuple[Selection, torch.Tensor]:
     """Span search for queries qs [Hq, M, D] at positions [M] over keys k [Hkv, N, D]. Returns the
@@ -339,6 +369,94 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.T
         out += gates[..., j, None] * o_j
     o_w, _ = _masked_attention(scores, window, v, hkv)  # queries without any valid stripe: the window
     return torch.where(any_span[..., None], out, o_w)
+
+
+def attend_gathered(q: torch.Tensor, k: KeyRows, v: KeyRows, positions: torch.Tensor, sel: Selection,
+                    sw_start: torch.Tensor, combine: str, scale: float) -> torch.Tensor:
+    """Span attention reading only the keys it attends: the window and the selected spans are gathered
+    (per query head) from the key sources, so the cost follows the attended keys, not the context.
+    Same result as `attend`. q [Hq, M, D]; returns [Hq, M, D] in the accumulation dtype."""
+    hq, m, d = q.shape
+    hkv = k.num_kv_heads
+    dev = q.device
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    pos = positions.to(torch.int64)
+    starts, ends, valid = sel.starts, sel.ends, sel.valid
+    if combine == "union":
+        # spans ordered by anchor have ordered starts and ends: clip each to begin after the ones before it
+        order = torch.argsort(torch.where(valid, starts, torch.full_like(starts, 1 << 62)), dim=-1)
+        starts, ends, valid = (torch.gather(x, 2, order) for x in (starts, ends, valid))
+        prev_end = torch.cummax(torch.where(valid, ends, torch.full_like(ends, -1)), dim=-1).values
+        prev_end = torch.nn.functional.pad(prev_end[..., :-1], (1, 0), value=-1)
+        starts = torch.maximum(starts, prev_end + 1)
+    span_len = torch.where(valid, (ends - starts + 1).clamp_min(0), torch.zeros_like(starts))  # [Hq, M, K]
+    win_len = pos - sw_start + 1  # [M]
+    w_max, s_max = int(win_len.max()), int(span_len.max())
+    num = span_len.shape[-1]
+    w_off = torch.arange(w_max, device=dev)
+    s_off = torch.arange(s_max, device=dev)
+    w_idx = (sw_start[:, None] + w_off)[None].expand(hq, -1, -1)  # [Hq, M, W]
+    w_ok = (w_off < win_len[:, None])[None].expand(hq, -1, -1)
+    s_idx = (starts[..., None] + s_off).reshape(hq, m, num * s_max)  # [Hq, M, K * S]
+    s_ok = (s_off < span_len[..., None]).reshape(hq, m, num * s_max)
+    idx = torch.cat([w_idx, s_idx], -1)
+    ok = torch.cat([w_ok, s_ok], -1)
+    idx = torch.where(ok, idx, torch.zeros_like(idx))
+    kv_heads = (torch.arange(hq, device=dev) // (hq // hkv))[:, None, None]
+    keys = k(kv_heads, idx).to(acc)  # [Hq, M, L, D]
+    values = v(kv_heads, idx).to(acc)
+    scores = torch.einsum("hmd,hmld->hml", q.to(acc), keys) * scale
+
+    def softmax_out(mask: torch.Tensor) -> torch.Tensor:
+        s = scores.masked_fill(~mask, float("-inf"))
+        p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+        return torch.einsum("hml,hmld->hmd", p, values)
+
+    if combine == "union":
+        return softmax_out(ok)
+    slot = torch.cat([torch.full((w_max,), -1, device=dev), torch.arange(num, device=dev).repeat_interleave(s_max)])
+    in_window = ok & (slot == -1)
+    gates = torch.softmax(sel.scores, dim=-1)
+    any_span = sel.valid.any(-1)
+    out = torch.zeros(hq, m, d, dtype=acc, device=dev)
+    for j in range(num):  # num_spans (small)
+        o_j = softmax_out(in_window | (ok & (slot == j)))
+        out += torch.where(any_span[..., None], gates[..., j, None], 0.0) * o_j
+    return torch.where(any_span[..., None], out, softmax_out(in_window))
+
+
+def paged_span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                         positions: torch.Tensor, params: SpanParams, *,
+                         bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         q_search: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """One sequence of the paged cache: q [Hq, M, D] at positions [M] -> [Hq, M, D] (q's dtype).
+
+    Reads only anchors (or the per-block bounds [Hkv, nb, D] for summary search) and the attended keys,
+    never the whole context: the engine's CPU path at long contexts."""
+    hq, m, d = q.shape
+    if m == 0:
+        return q.new_empty(hq, 0, d)
+    scale = d ** -0.5 if scale is None else scale
+    qs = q if q_search is None else q_search
+    keys = paged_rows(k_cache, block_table)
+    values = paged_rows(v_cache, block_table)
+    out = torch.empty(hq, m, d, dtype=q.dtype, device=q.device)
+    t_max = int(positions.max()) + 1
+    stripes = max(num_valid_stripes(t_max, params), 1)
+    t = torch.tensor([t_max])
+    span = int(span_reach(t, params.span_power, params.backward_factor) + span_reach(t, params.span_power,
+                                                                                      params.forward_factor)) + 1
+    attended = params.window + 1 + params.num_spans * span
+    nb = 0 if bounds is None else bounds[0].shape[1]
+    per_query = hq * max(attended * (d + 4), stripes * (d + 8), nb * 24)
+    tile = max(1, _MAX_TILE_ELEMENTS // max(1, per_query))
+    for s in range(0, m, tile):
+        e = min(m, s + tile)
+        sel, sw_start = select_spans(qs[:, s:e], keys, positions[s:e], params, bounds=bounds,
+                                     block_size=k_cache.shape[2])
+        out[:, s:e] = attend_gathered(q[:, s:e], keys, values, positions[s:e], sel, sw_start, params.combine,
+                                      scale).to(q.dtype)
+    return out
 
 
 def span_attention_single(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
