@@ -389,10 +389,13 @@ def select_spans(q_search: torch.Tensor, cache: LayerCache, meta: AttentionMetad
 # ---------------------------------------------------------------------------------------- attention
 
 def paged_attention(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, params: SpanParams, *,
-                    q_search: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Span attention of every step token over its sequence's paged cache (already written). [T, Hq, D]."""
+                    q_search: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    geom: StepGeometry | None = None) -> torch.Tensor:
+    """Span attention of every step token over its sequence's paged cache (already written). [T, Hq, D].
+
+    geom: the step's geometry if the caller already has it (default: step_geometry, cached on meta)."""
     check_same_device(q=q, k_cache=cache.k, v_cache=cache.v, positions=meta.positions)
-    geom = step_geometry(meta, params, q.device)
+    geom = geom or step_geometry(meta, params, q.device)
     sel = select_spans(q if q_search is None else q_search, cache, meta, params, geom)
     result, _ = sparse.range_attention(q, cache.k, cache.v, meta, sel.ranges, window_start=geom.sw_start,
                                        gate_logits=sel.gates, max_range_len=geom.max_span_len,
