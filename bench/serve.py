@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import sys
 import time
@@ -108,30 +109,39 @@ def _document(rng: random.Random, n_words: int) -> str:
     return " ".join(sentences)
 
 
+def approx_tokens(text: str) -> int:
+    """Tokens without a tokenizer: words and punctuation marks count one each (BPE tokenizers give common
+    English words and marks one token each)."""
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
 def make_prompts(dataset: str, num: int, input_len: int | None, prefix_len: int | None, output_len: int,
-                 tokens_per_word: float, seed: int) -> list[Prompt]:
+                 ratios: dict[str, float], seed: int) -> list[Prompt]:
+    """ratios: tokens per generated word for plain words ("words") and for documents ("document"), from
+    calibrate(); a file's prompts are estimated as approx_tokens(text) * ratios["words"]."""
     rng = random.Random(seed)
     if dataset not in DATASETS:
-        return _file_prompts(Path(dataset), num, output_len, tokens_per_word)
+        return _file_prompts(Path(dataset), num, output_len, ratios["words"])
     n_tokens = input_len or DEFAULT_INPUT_LEN[dataset]
-    words = lambda tokens: max(1, round(tokens / tokens_per_word))  # noqa: E731
+    words = lambda tokens, style="words": max(1, round(tokens / ratios[style]))  # noqa: E731
     prompts = []
     if dataset == "random":
         for _ in range(num):
             prompts.append(Prompt(_words(rng, words(n_tokens)), n_tokens, output_len))
     elif dataset == "long":
         question = " Question: which line mentions the most rivers? Answer:"
-        body = max(1, n_tokens - round(len(question.split()) * tokens_per_word))
+        body = max(1, n_tokens - round(approx_tokens(question) * ratios["words"]))
         for _ in range(num):
-            prompts.append(Prompt(_document(rng, words(body)) + question, n_tokens, output_len))
+            prompts.append(Prompt(_document(rng, words(body, "document")) + question, n_tokens, output_len))
     else:
         plen = prefix_len if prefix_len is not None else n_tokens * 3 // 4
         if not 0 <= plen < n_tokens:
             raise ServeBenchError(f"--prefix-len must lie in [0, --input-len) = [0, {n_tokens}), got {plen}")
-        prefix = _document(rng, words(plen)) if plen else ""
+        prefix = _document(rng, words(plen, "document")) if plen else ""
         for i in range(num):
-            suffix = f" Request {i}: " + _words(rng, words(n_tokens - plen))
-            prompts.append(Prompt(prefix + suffix, n_tokens, output_len))
+            head = f" Request {i}: "
+            rest = max(1, n_tokens - plen - round(approx_tokens(head) * ratios["words"]))
+            prompts.append(Prompt(prefix + head + _words(rng, words(rest)), n_tokens, output_len))
     return prompts
 
 
@@ -160,7 +170,7 @@ def _file_prompts(path: Path, num: int, output_len: int, tokens_per_word: float)
             raise ServeBenchError(f"{path}: entry {i} is neither a string nor an object with a string 'prompt'")
         if not isinstance(limit, int) or limit < 1:
             raise ServeBenchError(f"{path}: entry {i}: max_tokens must be a positive integer")
-        prompts.append(Prompt(text_i, max(1, round(len(text_i.split()) * tokens_per_word)), limit))
+        prompts.append(Prompt(text_i, max(1, round(approx_tokens(text_i) * tokens_per_word)), limit))
     if not prompts:
         raise ServeBenchError(f"{path} holds no prompts")
     return [prompts[i % len(prompts)] for i in range(num)]
@@ -254,23 +264,33 @@ async def _discover(client, root: str, headers: dict, model: str | None) -> str:
             from None
 
 
-async def _tokens_per_word(client, root: str, headers: dict, model: str) -> tuple[float, str]:
-    sample = _words(random.Random(12345), 400)
+async def calibrate(client, root: str, headers: dict, model: str) -> tuple[dict[str, float], str]:
+    """Tokens per generated word, for plain words and for documents: counted by the server's /tokenize when
+    it has one, else approximated (approx_tokens)."""
+    rng = random.Random(12345)
+    samples = {"words": _words(rng, 400), "document": _document(rng, 400)}
+    ratios = {}
     try:
-        r = await client.post(f"{root}/tokenize", json={"model": model, "prompt": sample,
-                                                        "add_special_tokens": False}, headers=headers)
-        if r.status_code == 200:
-            body = r.json()
-            count = body.get("count", len(body.get("tokens", [])))
-            if count:
-                return count / 400, "server /tokenize (calibrated on a 400-word sample)"
+        for style, text in samples.items():
+            r = await client.post(f"{root}/tokenize", json={"model": model, "prompt": text,
+                                                            "add_special_tokens": False}, headers=headers)
+            body = r.json() if r.status_code == 200 else {}
+            count = body.get("count", len(body.get("tokens", []))) if isinstance(body, dict) else 0
+            if not count:
+                raise ValueError("no count")
+            ratios[style] = count / 400
+        return ratios, "server /tokenize (calibrated on 400-word samples)"
     except Exception:
-        pass
-    return 1.0, "approximate: 1 token per word (the server has no /tokenize)"
+        ratios = {style: approx_tokens(text) / 400 for style, text in samples.items()}
+        return ratios, "approximate: words and punctuation marks count one token each (the server has no /tokenize)"
 
 
 async def run_benchmark(args) -> dict[str, Any]:
+    import logging
+
     import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per request
 
     if args.num_prompts < 1:
         raise ServeBenchError(f"--num-prompts must be >= 1, got {args.num_prompts}")
@@ -289,9 +309,9 @@ async def run_benchmark(args) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         model = await _discover(client, root, headers, args.model)
-        tpw, length_method = await _tokens_per_word(client, root, headers, model)
-        prompts = make_prompts(args.dataset, args.num_prompts, args.input_len, args.prefix_len, args.output_len, tpw,
-                               args.seed)
+        ratios, length_method = await calibrate(client, root, headers, model)
+        prompts = make_prompts(args.dataset, args.num_prompts, args.input_len, args.prefix_len, args.output_len,
+                               ratios, args.seed)
         server_version = None
         try:
             r = await client.get(f"{root}/version", headers=headers)
@@ -327,7 +347,7 @@ async def run_benchmark(args) -> dict[str, Any]:
         await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
         bar.close()
-    return summarize(args, model, results, duration, length_method, tpw, server_version)
+    return summarize(args, model, results, duration, length_method, ratios, server_version)
 
 
 def _progress(total: int):
@@ -351,7 +371,7 @@ def _stats(values: list[float], scale: float = 1e3) -> dict[str, float | None]:
 
 
 def summarize(args, model: str, results: list[RequestResult], duration: float, length_method: str,
-              tokens_per_word: float, server_version) -> dict[str, Any]:
+              ratios: dict[str, float], server_version) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
@@ -377,7 +397,7 @@ def summarize(args, model: str, results: list[RequestResult], duration: float, l
                    "input_len": args.input_len or DEFAULT_INPUT_LEN.get(args.dataset), "prefix_len": args.prefix_len,
                    "output_len": args.output_len, "ignore_eos": not args.no_ignore_eos, "seed": args.seed},
         "prompt_length_method": length_method,
-        "tokens_per_word": tokens_per_word,
+        "tokens_per_word": ratios,
         "completed": len(ok),
         "failed": len(failed),
         "failure_reasons": reasons,

@@ -396,7 +396,7 @@ def test_serve_against_longserve(live_server, tmp_path, capsys):
     assert report["server"]["model"] == "tiny-bench"  # found through /v1/models
     assert report["prompt_length_method"].startswith("server /tokenize")
     # The byte-level tokenizer makes a word several tokens; prompts were sized in the server's tokens.
-    assert report["tokens_per_word"] > 3
+    assert report["tokens_per_word"]["words"] > 3
     # Each prompt's length is approximate (words differ in length); on average it is the asked length.
     lengths = [r["prompt_tokens"] for r in report["requests"]]
     assert all(24 <= n <= 72 for n in lengths), lengths
@@ -453,15 +453,31 @@ def test_dataset_file_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": 3}\n')
     with pytest.raises(ServeBenchError, match="entry 0"):
-        make_prompts(str(bad), 2, None, None, 8, 1.0, 0)
+        make_prompts(str(bad), 2, None, None, 8, {"words": 1.0}, 0)
     with pytest.raises(ServeBenchError, match="neither"):
-        make_prompts(str(tmp_path / "missing.jsonl"), 2, None, None, 8, 1.0, 0)
+        make_prompts(str(tmp_path / "missing.jsonl"), 2, None, None, 8, {"words": 1.0}, 0)
     good = tmp_path / "good.json"
     good.write_text(json.dumps(["a b c", {"prompt": "d e", "max_tokens": 5}]))
-    prompts = make_prompts(str(good), 3, None, None, 8, 2.0, 0)
+    prompts = make_prompts(str(good), 3, None, None, 8, {"words": 2.0}, 0)
     assert [(p.text, p.approx_tokens, p.max_tokens) for p in prompts] == [("a b c", 6, 8), ("d e", 4, 5),
                                                                           ("a b c", 6, 8)]
-    shared = make_prompts("shared-prefix", 3, 400, 300, 8, 1.0, 0)
-    prefix = os.path.commonprefix([p.text for p in shared])
-    assert 250 <= len(prefix.split()) <= 310
-    assert len({p.text for p in shared}) == 3
+
+
+@pytest.mark.parametrize("dataset, input_len", [("random", 300), ("long", 2000), ("shared-prefix", 400)])
+def test_generated_prompts_have_the_asked_length(dataset, input_len):
+    """Counted the way the approximation counts (words and marks), a prompt is within a few tokens of the
+    asked length, documents (with their line markers) included."""
+    import random
+
+    from longserve.bench.serve import _document, approx_tokens, make_prompts
+
+    # What calibrate() finds without /tokenize: one token per word, and the documents' own ratio.
+    ratios = {"words": 1.0, "document": approx_tokens(_document(random.Random(1), 4000)) / 4000}
+    assert ratios["document"] > 1.1  # line markers and full stops cost tokens too
+    prompts = make_prompts(dataset, 3, input_len, None, 8, ratios, 0)
+    for p in prompts:
+        assert abs(approx_tokens(p.text) - input_len) <= input_len * 0.03 + 4, approx_tokens(p.text)
+    if dataset == "shared-prefix":
+        prefix = os.path.commonprefix([p.text for p in prompts])
+        assert abs(approx_tokens(prefix) - 300) <= 12
+        assert len({p.text for p in prompts}) == 3
