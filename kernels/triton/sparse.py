@@ -37,7 +37,7 @@ _BLOCK_N = 64
 _MIN_CHUNK = 256
 _MAX_CHUNKS = 32
 _PROGRAMS_PER_SM = 4
-_TILED_MIN_TOKENS = 64  # steps with this many tokens (prefill chunks) take the tiled path
+_TILED_MIN_TOKENS = 64  # steps with a prefill chunk of this many tokens take the tiled path
 
 
 @triton.jit
@@ -350,7 +350,8 @@ def range_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (position - window_start + 1); the split path visits no keys beyond them, so they must hold. token_seq:
     [T] sequence index per token (computed from meta if None). path: "split" (split-K per token: decode),
     "tiled" (tiles of range-sorted pairs and of consecutive tokens' windows, tensor-core dots: prefill) or
-    "auto" (tiled when the step has at least _TILED_MIN_TOKENS tokens). chunk: keys per split program.
+    "auto" (tiled when a sequence has a chunk of at least _TILED_MIN_TOKENS tokens; decode batches of
+    any size stay split). chunk: keys per split program.
     Returns out [T, Hq, D] and, in union mode, lse [T, Hq] float32 (else None)."""
     tokens, hq, head_dim = q.shape
     hkv, page = k_cache.shape[1], k_cache.shape[2]
@@ -370,7 +371,7 @@ def range_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out, (lse if gate_logits is None else None)
     if path not in ("auto", "split", "tiled"):
         raise ValueError(f"path must be 'auto', 'split' or 'tiled', got {path!r}")
-    tiled = path == "tiled" or (path == "auto" and tokens >= _TILED_MIN_TOKENS)
+    tiled = path == "tiled" or (path == "auto" and meta.max_query_len >= _TILED_MIN_TOKENS)
     has_window = window_start is not None
     segments = num_ranges + int(has_window)
     max_len = max(int(max_range_len), int(max_window_len) if has_window else 0, 1)
