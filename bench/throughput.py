@@ -664,8 +664,9 @@ def _run_context(model, config, device, dtype, layout: Layout, backends: dict, a
                              "peak_memory_bytes": peak, "peak_memory_kind": how_peak, **extra})
                 print(f"context {format_tokens(layout.context)} {method} batch {batch}: "
                       f"{step * 1e3:.2f} ms/step, {batch / step:.1f} tok/s", file=sys.stderr)
-        except (BackendError, BenchError, RuntimeError, ValueError, NotImplementedError) as e:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except Exception as e:  # out of memory, a kernel missing or failing to compile: this method's rows say so
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            message = f"{type(e).__name__}: {first}" if first else type(e).__name__
             print(f"context {format_tokens(layout.context)} {method}: failed: {message}", file=sys.stderr)
             done = {r["batch"] for r in rows if r["method"] == method and r["context"] == layout.context}
             rows.extend({**common, "batch": b, "error": message} for b in args.batch if b not in done)
