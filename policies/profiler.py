@@ -152,7 +152,9 @@ class RecordingBackend:
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
                 meta: AttentionMetadata, state: StepState) -> torch.Tensor:
         ref_dense.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
-        out = ref_dense.paged_attention(q, cache.k, cache.v, meta)
+        out = torch.empty_like(q)
+        for s in range(meta.num_seqs):
+            out[meta.query_slice(s)] = _causal_sdpa(q[meta.query_slice(s)], cache, meta, s)
         self._record(layer_idx, q, cache, meta)
         return out
 
@@ -249,6 +251,21 @@ class RecordingBackend:
                 "overlap_mean_heads": per_head_overlap.mean(0).numpy(),
                 "mass_share": mass_share.numpy(), "topk_error": topk_error.numpy(),
                 "num_probes": self.num_probes}
+
+
+def _causal_sdpa(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, seq: int) -> torch.Tensor:
+    """Dense causal attention of one sequence's step queries [M, Hq, D] over its cache, with torch's fused
+    attention (several times faster on CPU than the float32 reference, which the runtime tests cover)."""
+    ctx = meta.context_lens_cpu[seq]
+    keys = ref_dense.gather_kv(cache.k, meta.block_tables[seq], ctx)  # [Hkv, N, D]
+    vals = ref_dense.gather_kv(cache.v, meta.block_tables[seq], ctx)
+    group = q.shape[1] // keys.shape[0]
+    keys, vals = keys.repeat_interleave(group, 0), vals.repeat_interleave(group, 0)
+    pos = torch.arange(ctx - q.shape[0], ctx, device=q.device)
+    mask = torch.arange(ctx, device=q.device)[None, :] <= pos[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None].to(q.dtype),
+                                                           vals[None].to(q.dtype), attn_mask=mask[None, None])
+    return out[0].transpose(0, 1)
 
 
 # ---------------------------------------------------------------------------------- running the model

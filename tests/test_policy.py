@@ -219,3 +219,51 @@ def dp_min(plan, overlap):
     vals = [1.0 if lp.mode == "compute" else overlap[i][lp.source] for i, lp in enumerate(plan.layers)
             if lp.mode != "full"]
     return min(vals)
+
+
+# ---------------------------------------------------------------- the default model (real weights, real text)
+
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "policies" / "smollm2-135m-instruct.hylra.json"
+CALIB_FILE = REPO / "policies" / "calib" / "python-reference.txt"
+
+
+def default_model_info():
+    from longserve.engine.loader import resolve_model_path
+    from longserve.engine.models.decoder import ModelConfig
+    return ModelConfig.from_pretrained(resolve_model_path(None)).model_info()
+
+
+def test_shipped_policy_fits_the_default_model():
+    plan = AttentionPlan.load(SHIPPED)
+    plan.check_model(default_model_info())
+    assert plan.model["fingerprint"] == default_model_info()["fingerprint"]
+    assert plan.method == "hylra" and plan.params["topk_tokens"] == 2048
+    modes = [lp.mode for lp in plan.layers]
+    assert modes.count("full") == 2 and modes.count("reuse") > 0
+    assert plan.profile["calibration"]["file"] == CALIB_FILE.name
+    import hashlib
+    assert plan.profile["calibration"]["sha256"] == hashlib.sha256(CALIB_FILE.read_bytes()).hexdigest()
+    from importlib import resources
+    assert (resources.files("longserve.policies") / SHIPPED.name).is_file()  # shipped as package data
+
+
+@pytest.mark.slow
+def test_profile_default_model_on_english_text_then_serve(tmp_path, capsys):
+    """`longserve profile` on the default model with ~3000 tokens of real English text (the Python language
+    reference), then the policy serves a request (measured: docs/policies.md)."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB_FILE.read_text()[:13000])
+    out = tmp_path / "policy.json"
+    rc = run_profile("--calib", str(calib), "--out", str(out), "--topk-tokens", "512", "--device", "cpu", "--quiet")
+    assert rc == 0, capsys.readouterr().err
+    plan = AttentionPlan.load(out)
+    plan.check_model(default_model_info())
+    assert 2500 <= plan.profile["calibration"]["tokens"] <= 3500 and plan.profile["num_probes"] > 50
+    from longserve.engine import LLM, SamplingParams
+    llm = LLM(policy=str(out), device="cpu", dtype="float32", num_kv_blocks=256, max_num_batched_tokens=512)
+    prompt = CALIB_FILE.read_text()[13000:19000]  # ~1400 tokens, longer than the 512-token budget
+    result = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0))
+    assert result[0].outputs[0].token_ids

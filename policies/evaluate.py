@@ -1,0 +1,137 @@
+"""Quality of a HyLRA policy against dense attention on long text: perplexity, next-token agreement, and greedy
+continuation agreement.
+
+    python -m longserve.policies.evaluate --policy policies/smollm2-135m-instruct.hylra.json \
+        --text FILE [--model M] [--tokens 8192] [--gen-tokens 32] [--json out.json]
+
+Both runs prefill the same tokens in chunks through a paged cache (so HyLRA is sparse in prefill too, one
+selection per query tile), score every next token, then continue greedily from the end of the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+
+from longserve.kernels.plan import AttentionPlan
+from longserve.kernels.registry import build_backend
+from longserve.kernels.base import StepState
+
+
+@torch.inference_mode()
+def run_text(model, token_ids: list[int], backend, block_size: int, chunk: int, gen_tokens: int) -> dict[str, Any]:
+    """Teacher-forced NLL and argmax of every next token, then a greedy continuation of gen_tokens."""
+    from longserve.engine.testing import make_caches, single_sequence_metadata
+
+    c = model.config
+    param = next(model.parameters())
+    total = len(token_ids) + gen_tokens
+    num_blocks = -(-total // block_size)
+    caches = make_caches(c, num_blocks, block_size, param.dtype, param.device,
+                         backend.aux_specs(c.num_kv_heads, c.head_dim))
+    table = list(range(num_blocks))
+    ids = torch.tensor(token_ids, dtype=torch.long, device=param.device)
+    nll, argmax = [], []
+    last_logits = None
+    for start in range(0, len(token_ids), chunk):
+        end = min(len(token_ids), start + chunk)
+        meta = single_sequence_metadata(table, start, end, block_size, param.device)
+        hidden = model(ids[start:end], meta.positions, caches, meta, backend, StepState())
+        logits = model.compute_logits(hidden).float()
+        targets = ids[start + 1:end + 1]
+        scored = logits[:targets.shape[0]]
+        nll.append(torch.nn.functional.cross_entropy(scored, targets, reduction="none"))
+        argmax.append(scored.argmax(-1))
+        last_logits = logits[-1]
+    generated = []
+    pos = len(token_ids)
+    token = int(last_logits.argmax())
+    for _ in range(gen_tokens):
+        generated.append(token)
+        meta = single_sequence_metadata(table, pos, pos + 1, block_size, param.device)
+        hidden = model(torch.tensor([token], device=param.device), meta.positions, caches, meta, backend,
+                       StepState())
+        token = int(model.compute_logits(hidden).float()[-1].argmax())
+        pos += 1
+    return {"nll": torch.cat(nll).cpu(), "argmax": torch.cat(argmax).cpu(), "generated": generated}
+
+
+def compare(dense: dict[str, Any], sparse: dict[str, Any], min_context: int) -> dict[str, Any]:
+    """Figures of the sparse run against the dense one; next-token figures over positions >= min_context
+    (where the budget is smaller than the context), perplexities over all and over those positions."""
+    n = dense["nll"].shape[0]
+    tail = slice(min(min_context, n), n)
+    gd, gs = dense["generated"], sparse["generated"]
+    prefix = next((i for i, (a, b) in enumerate(zip(gd, gs)) if a != b), min(len(gd), len(gs)))
+    return {
+        "scored_tokens": n,
+        "tail_from": tail.start,
+        "dense_ppl": math.exp(float(dense["nll"].mean())),
+        "hylra_ppl": math.exp(float(sparse["nll"].mean())),
+        "dense_ppl_tail": math.exp(float(dense["nll"][tail].mean())),
+        "hylra_ppl_tail": math.exp(float(sparse["nll"][tail].mean())),
+        "next_token_agreement_tail": float((dense["argmax"][tail] == sparse["argmax"][tail]).float().mean()),
+        "greedy_tokens": len(gd),
+        "greedy_agreement": sum(a == b for a, b in zip(gd, gs)) / max(1, len(gd)),
+        "greedy_identical_prefix": prefix,
+    }
+
+
+def evaluate(loaded, plan: AttentionPlan, token_ids: list[int], block_size: int = 64, chunk: int = 512,
+             gen_tokens: int = 32, impl: str = "auto") -> dict[str, Any]:
+    plan.check_model(loaded.config.model_info())
+    dense_backend = build_backend("dense", loaded.config.num_layers, impl=impl)
+    sparse_backend = build_backend(plan=plan, impl=impl)
+    t0 = time.time()
+    dense = run_text(loaded.model, token_ids, dense_backend, block_size, chunk, gen_tokens)
+    t1 = time.time()
+    sparse = run_text(loaded.model, token_ids, sparse_backend, block_size, chunk, gen_tokens)
+    t2 = time.time()
+    result = compare(dense, sparse, min_context=2 * int(plan.params.get("topk_tokens", 2048)))
+    modes = [lp.mode for lp in plan.layers]
+    result.update(policy_layers={m: modes.count(m) for m in ("full", "compute", "reuse")},
+                  params=dict(plan.params), block_size=block_size, chunk=chunk,
+                  dense_s=round(t1 - t0, 1), hylra_s=round(t2 - t1, 1),
+                  dense_greedy=dense["generated"], hylra_greedy=sparse["generated"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--policy", required=True)
+    p.add_argument("--text", required=True, help="plain text file (read as one document)")
+    p.add_argument("--model", default=None, help="local HF directory (default: the embedded default model)")
+    p.add_argument("--tokens", type=int, default=8192, help="use the first N tokens of the text (default 8192)")
+    p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    from longserve.engine.loader import load_model
+
+    from .profiler import encode
+    try:
+        plan = AttentionPlan.load(args.policy)
+        loaded = load_model(args.model, args.device, torch.float32)
+        with open(args.text, encoding="utf-8") as f:
+            ids = encode(loaded.tokenizer, f.read())[:args.tokens]
+        result = evaluate(loaded, plan, ids, args.block_size, args.chunk, args.gen_tokens)
+    except (ValueError, OSError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in result.items() if not k.endswith("_greedy")}, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
