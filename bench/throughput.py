@@ -2,10 +2,11 @@
 
 For each context length, one paged KV cache is allocated and filled (random keys/values with --kv synthetic,
 a real chunked prefill with --kv prefill); then every attention method runs the same work on it:
-  decode   warm-up steps, then --decode-steps timed steps for each --batch size (greedy, logits included)
+  decode   warm-up steps, then --decode-steps steps, each timed on its own, for each --batch size (greedy,
+           logits included); the median step is reported (with mean, min and max)
   prefill  --prefill-tokens new tokens appended after the context, in chunks of --prefill-chunk (timed)
 The model's non-attention part is timed once per batch size with an attention backend that does nothing; the
-attention share of a step is 1 - that time / the step time.
+attention share of a step is 1 - that (median) time / the median step time.
 
 Batch sequences share the context's blocks by default (as sequences with a common cached prefix do), so batch 8
 at 1M tokens needs one 1M-token cache, not eight; each sequence decodes into its own blocks. With
@@ -26,6 +27,7 @@ import platform
 import re
 import resource
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -399,9 +401,10 @@ class Runner:
         last = (meta.query_start_loc[1:] - 1).long()
         return self.model.compute_logits(hidden[last]).argmax(dim=-1)
 
-    def decode(self, caches, backend, batch: int, warmup: int, steps: int, seed: int) -> tuple[float, int | None]:
-        """(seconds per decode step of `batch` tokens after `warmup` untimed steps, bytes of per-sequence state
-        the method holds, if it reports them through state_bytes())."""
+    def decode(self, caches, backend, batch: int, warmup: int, steps: int, seed: int
+               ) -> tuple[list[float], int | None]:
+        """(seconds of each of `steps` decode steps of `batch` tokens after `warmup` untimed steps, bytes of
+        per-sequence state the method holds, if it reports them through state_bytes())."""
         lay = self.layout
         tables = self.tables([lay.decode_table(b) for b in range(batch)])
         gen = torch.Generator().manual_seed(seed)
@@ -413,20 +416,23 @@ class Runner:
                                 backend, sample=True)
                 pos += 1
                 bar.update()
-            synchronize(self.device)
-            t0 = time.perf_counter()
+            times = []
             for _ in range(steps):
+                # Each step timed on its own (the engine, too, waits for every step's sampled tokens), so the
+                # median resists a step slowed by another process.
+                synchronize(self.device)
+                t0 = time.perf_counter()
                 ids = self.step(ids, self._meta(tables, [pos] * batch, [1] * batch, list(range(batch))), caches,
                                 backend, sample=True)
+                synchronize(self.device)
+                times.append(time.perf_counter() - t0)
                 pos += 1
                 bar.update()
-            synchronize(self.device)
-            elapsed = time.perf_counter() - t0
         state_bytes = getattr(getattr(backend, "method", None), "state_bytes", None)
         state_bytes = int(state_bytes()) if callable(state_bytes) else None
         for b in range(batch):
             backend.free_sequence(b)
-        return elapsed / steps, state_bytes
+        return times, state_bytes
 
     def prefill(self, caches, backend, table: torch.Tensor, start: int, tokens: int, chunk: int, seq_id: int,
                 seed: int, desc: str) -> float:
@@ -618,8 +624,8 @@ def _run_context(model, config, device, dtype, layout: Layout, backends: dict, a
         fill_synthetic(base, filled_blocks, args.seed)
 
     # The non-attention part of a decode step, per batch size (the same for every method).
-    null_step = {b: runner.decode(base, NullAttention(), b, 1, max(2, min(args.decode_steps, 4)), args.seed)[0]
-                 for b in args.batch}
+    null_step = {b: statistics.median(runner.decode(base, NullAttention(), b, 1, max(3, min(args.decode_steps, 8)),
+                                                    args.seed)[0]) for b in args.batch}
 
     rows = []
     for method, backend in backends.items():
@@ -653,11 +659,14 @@ def _run_context(model, config, device, dtype, layout: Layout, backends: dict, a
                 backend.free_sequence(seq_id)
                 prefill_tok_s = args.prefill_tokens / seconds
             for batch in args.batch:
-                step, state_bytes = runner.decode(caches, backend, batch, args.warmup_steps, args.decode_steps,
-                                                  args.seed)
+                times, state_bytes = runner.decode(caches, backend, batch, args.warmup_steps, args.decode_steps,
+                                                   args.seed)
+                step = statistics.median(times)
                 peak, how_peak = peak_memory(device)
                 share = max(0.0, 1.0 - null_step[batch] / step) if step > 0 else None
                 rows.append({**common, "batch": batch, "decode_ms_per_step": step * 1e3,
+                             "decode_ms_mean": statistics.fmean(times) * 1e3, "decode_ms_min": min(times) * 1e3,
+                             "decode_ms_max": max(times) * 1e3,
                              "decode_tok_s": batch / step, "attention_share": share,
                              "non_attention_ms_per_step": null_step[batch] * 1e3, "prefill_tok_s": prefill_tok_s,
                              "sequence_state_bytes": state_bytes,

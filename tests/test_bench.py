@@ -53,7 +53,8 @@ def check_report(report: dict, methods: list[str], contexts: list[int], batches:
             for method in methods:
                 r = rows[(context, batch, method)]
                 assert "error" not in r, r
-                assert r["decode_ms_per_step"] > 0
+                assert 0 < r["decode_ms_min"] <= r["decode_ms_per_step"] <= r["decode_ms_max"]
+                assert r["decode_ms_min"] <= r["decode_ms_mean"] <= r["decode_ms_max"]
                 assert r["decode_tok_s"] == pytest.approx(batch * 1000 / r["decode_ms_per_step"])
                 assert 0.0 <= r["attention_share"] <= 1.0
                 assert r["non_attention_ms_per_step"] > 0
@@ -350,6 +351,12 @@ def test_bench_imports_no_server_packages():
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_cli_name_lists_mirror_the_registries():
+    from longserve.bench.cli import METHOD_NAMES, PRESET_NAMES
+
+    assert METHOD_NAMES == tuple(METHODS) and PRESET_NAMES == tuple(PRESETS)
 
 
 def test_bench_without_subcommand_prints_help(capsys):
