@@ -442,6 +442,7 @@ def profile(model: str | None, calib_path: str | Path, out_path: str | Path, cfg
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise ProfileError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    read_calibration(calib_path)  # fail on a bad file before the (slower) model load
     loaded = load_model(model, dev, torch_dtype)
     plan = profile_model(loaded, calib_path, cfg, dev, torch_dtype, progress)
     out = Path(out_path)

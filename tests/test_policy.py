@@ -267,3 +267,23 @@ def test_profile_default_model_on_english_text_then_serve(tmp_path, capsys):
     prompt = CALIB_FILE.read_text()[13000:19000]  # ~1400 tokens, longer than the 512-token budget
     result = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0))
     assert result[0].outputs[0].token_ids
+
+
+def test_evaluate_policy_against_dense(tiny):
+    from longserve.engine.loader import load_model
+    from longserve.policies.evaluate import cut_points, evaluate
+    loaded = load_model(str(tiny), "cpu", "float32")
+    ids = list((CALIB * 3).encode())[:400]
+    layers = [LayerPlan("full"), LayerPlan("compute"), LayerPlan("reuse", 1), LayerPlan("compute"),
+              LayerPlan("reuse", 3)]
+    info = loaded.config.model_info()
+    covering = AttentionPlan("hylra", layers, {"topk_tokens": 4096}, info)
+    r = evaluate(loaded, covering, ids, block_size=16, chunk=64, gen_tokens=4, gen_points=3, impl="torch")
+    assert r["hylra_ppl"] == r["dense_ppl"] and r["next_token_agreement_tail"] is None  # budget covers all
+    assert r["greedy_agreement"] == 1.0 and r["greedy_identical_share"] == 1.0 and r["greedy_points"] == [400]
+    sparse = AttentionPlan("hylra", layers, {"topk_tokens": 48, "recent_blocks": 1}, info)
+    r = evaluate(loaded, sparse, ids, block_size=16, chunk=64, gen_tokens=4, gen_points=3, impl="torch")
+    assert r["greedy_points"] == [96, 248, 400] and r["tail_from"] == 96
+    assert r["hylra_ppl"] != r["dense_ppl"] and 0.0 <= r["next_token_agreement_tail"] <= 1.0
+    assert r["policy_layers"] == {"full": 1, "compute": 2, "reuse": 2}
+    assert cut_points(100, 20, 5) == [20, 40, 60, 80, 100]
