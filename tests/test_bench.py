@@ -142,6 +142,26 @@ def test_checkpoint_with_fewer_layers(tmp_path, capsys):
     assert rc == 1 and "neither a preset" in capsys.readouterr().err
 
 
+def test_triton_paths_through_the_harness(tmp_path):
+    """The GPU code path (Triton kernels, via the interpreter on CPU) runs on the harness's metadata."""
+    pytest.importorskip("triton")
+    small = {"superlinear": {"sw_index": 3}, "hylra": {"topk_tokens": 64},
+             "routing": {"segment_tokens": 128, "budget_tokens": 64, "window": 32}}
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "longserve.server.cli", "bench", "throughput", "--model", "tiny", "--context", "256",
+           "--attention-impl", "triton", "--device", "cpu", "--decode-steps", "1", "--batch", "1,2",
+           "--prefill-tokens", "16", "--prefill-chunk", "16", "--attention-config", json.dumps(small),
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["attention_impl"] == "triton" and report["methods"]
+    for r in report["results"]:
+        assert "error" not in r, r
+        assert r["decode_ms_per_step"] > 0 and r["prefill_tok_s"] > 0
+
+
 @pytest.mark.slow
 def test_ci_one_million_tokens(tmp_path, capsys):
     """The CI run of the issue: tiny preset, 1M tokens of synthetic KV, dense and every sparse method."""
