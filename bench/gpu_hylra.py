@@ -1,5 +1,5 @@
 """GPU suite rows for HyLRA (bench/gpu_suite.py): kernel checks against float64 references, and decode per
-layer at 1M tokens for COMPUTE (bound update + scoring + top-k + attention) and REUSE (attention over the
+layer at 1M tokens for COMPUTE (summary update + scoring + top-k + attention) and REUSE (attention over the
 handed-over blocks) layers against dense Triton decode.
 """
 
@@ -18,7 +18,7 @@ from .gpu_suite import CheckResult, SuiteContext, TimingRow, check, timing
 # ------------------------------------------------------------------------------------------- inputs
 def paged_case(ctx: SuiteContext, dtype: torch.dtype, seqs: list[tuple[int, int]], hq: int, hkv: int, d: int,
                bs: int):
-    """A paged cache holding every sequence's past (bounds computed), plus the step's q/k/v and metadata.
+    """A paged cache holding every sequence's past (summaries computed), plus the step's q/k/v and metadata.
     seqs = [(context_len, query_len)]."""
     g = ctx.generator()
     dev = ctx.device
@@ -34,11 +34,13 @@ def paged_case(ctx: SuiteContext, dtype: torch.dtype, seqs: list[tuple[int, int]
     cache = LayerCache(torch.randn(shape, generator=g, device=dev, dtype=dtype),
                        torch.randn(shape, generator=g, device=dev, dtype=dtype),
                        {"kmin": torch.empty(num_blocks, hkv, d, device=dev, dtype=dtype),
-                        "kmax": torch.empty(num_blocks, hkv, d, device=dev, dtype=dtype)})
-    # Random keys fill every slot, so the bounds of the (past) blocks are the min/max over the whole block;
-    # the step's own blocks are recomputed by the kernel under test over their filled part.
+                        "kmax": torch.empty(num_blocks, hkv, d, device=dev, dtype=dtype),
+                        "kmean": torch.empty(num_blocks, hkv, d, device=dev, dtype=dtype)})
+    # Random keys fill every slot, so the summaries of the (past) blocks are over the whole block; the step's
+    # own blocks are recomputed by the kernel under test over their filled part.
     cache.aux["kmin"].copy_(cache.k.amin(dim=2))
     cache.aux["kmax"].copy_(cache.k.amax(dim=2))
+    cache.aux["kmean"].copy_(cache.k.float().mean(dim=2))
     positions, slots, qlens, ctxs = [], [], [], []
     for s, (c, n) in enumerate(seqs):
         pos = torch.arange(c - n, c, device=dev)
@@ -97,9 +99,9 @@ def _shapes(ctx: SuiteContext):
     return 32, 8, 128, 64, [131072, 9000, 70001, 5000], (131072, 2048)
 
 
-def _params(ctx: SuiteContext, per_head: bool = False, head_reduce: str = "max") -> dict:
+def _params(ctx: SuiteContext, per_head: bool = False, head_reduce: str = "sum", score: str = "mean") -> dict:
     return dict(topk_tokens=64 if ctx.tiny else 2048, sink_blocks=1, recent_blocks=2 if ctx.tiny else 4,
-                per_head=per_head, head_reduce=head_reduce, prefill_tile=16 if ctx.tiny else 64)
+                per_head=per_head, head_reduce=head_reduce, prefill_tile=16 if ctx.tiny else 64, score=score)
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -110,16 +112,18 @@ def check_bounds(ctx: SuiteContext):
     for dtype in ctx.dtypes():
         cache, meta, q, k, v = paged_case(ctx, dtype, [(c, 1) for c in dec] + [(pctx, chunk)], hq, hkv, d, bs)
         write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
-        want_min, want_max = cache.aux["kmin"].clone(), cache.aux["kmax"].clone()
-        ref.update_block_bounds(cache.k, want_min, want_max, meta.slot_mapping)
+        want = {name: table.clone() for name, table in cache.aux.items()}
+        ref.update_block_summaries(cache.k, want, meta.slot_mapping)
         touched = torch.div(meta.slot_mapping, bs, rounding_mode="floor").unique()
-        cache.aux["kmin"][touched] = float("nan")
-        cache.aux["kmax"][touched] = float("nan")
-        tri.update_block_bounds(cache.k, cache.aux["kmin"], cache.aux["kmax"], meta.slot_mapping)
+        for table in cache.aux.values():
+            table[touched] = float("nan")
+        tri.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
+        case = f"{str(dtype)[6:]} {len(dec)} decode + chunk {chunk}"
         got = torch.stack([cache.aux["kmin"], cache.aux["kmax"]])
-        want = torch.stack([want_min, want_max])
-        yield ctx.compare("hylra.bounds", f"{str(dtype)[6:]} {len(dec)} decode + chunk {chunk}", got, want, dtype,
+        yield ctx.compare("hylra.bounds", "min/max " + case, got, torch.stack([want["kmin"], want["kmax"]]), dtype,
                           tolerance=0.0)
+        # The mean sums in another order; one rounding of the cache dtype apart at most.
+        yield ctx.compare("hylra.bounds", "mean " + case, cache.aux["kmean"], want["kmean"], dtype)
 
 
 @check("hylra.select", order=61)
@@ -127,18 +131,19 @@ def check_select(ctx: SuiteContext):
     from longserve.kernels.triton import hylra as tri
     hq, hkv, d, bs, dec, (pctx, chunk) = _shapes(ctx)
     for dtype in ctx.dtypes():
-        for per_head, reduce in ((False, "max"), (False, "sum"), (True, "max")):
+        for per_head, reduce, score in ((False, "sum", "mean"), (True, "sum", "mean"), (False, "max", "bound"),
+                                        (True, "max", "bound")):
             cache, meta, q, k, v = paged_case(ctx, dtype, [(c, 1) for c in dec] + [(pctx, chunk)], hq, hkv, d, bs)
-            params = _params(ctx, per_head, reduce)
-            want = ref.select(q, cache.aux["kmin"], cache.aux["kmax"], meta, **params)
-            got = tri.select(q, cache.aux["kmin"], cache.aux["kmax"], meta, **params)
+            params = _params(ctx, per_head, reduce, score)
+            want = ref.select(q, cache.aux, meta, **params)
+            got = tri.select(q, cache.aux, meta, **params)
             a, b = got.blocks.long(), want.blocks.long()
             width = max(a.shape[-1], b.shape[-1])
             a = torch.nn.functional.pad(a, (0, width - a.shape[-1]), value=-1)
             b = torch.nn.functional.pad(b, (0, width - b.shape[-1]), value=-1)
             # Share of selected blocks that differ (near-ties of the bound may swap under other rounding).
             differ = float((a != b).float().sum() / (b >= 0).sum().clamp_min(1))
-            yield CheckResult("hylra.select", f"{str(dtype)[6:]} {'per-head' if per_head else reduce}", differ,
+            yield CheckResult("hylra.select", f"{str(dtype)[6:]} {score} {'per-head' if per_head else reduce}", differ,
                               0.01, differ <= 0.01, f"{int((b >= 0).sum())} selected blocks")
 
 
@@ -150,7 +155,7 @@ def check_attend(ctx: SuiteContext):
         for per_head in (False, True):
             for label, seqs in (("decode", [(c, 1) for c in dec]), (f"prefill chunk {chunk}", [(pctx, chunk)])):
                 cache, meta, q, k, v = paged_case(ctx, dtype, seqs, hq, hkv, d, bs)
-                sel = tri.select(q, cache.aux["kmin"], cache.aux["kmax"], meta, **_params(ctx, per_head))
+                sel = tri.select(q, cache.aux, meta, **_params(ctx, per_head))
                 out = torch.full_like(q, float("nan"))
                 tri.attend(q, cache.k, cache.v, meta, sel, out=out)
                 want = restricted_reference_f64(q, cache, meta, sel)
@@ -193,7 +198,7 @@ def check_decode_never_syncs(ctx: SuiteContext):
 # ------------------------------------------------------------------------------------------- timings
 @timing("hylra.decode", order=40)
 def time_decode(ctx: SuiteContext):
-    """Decode per layer, one sequence: dense Triton decode vs HyLRA COMPUTE (bound update for the new token,
+    """Decode per layer, one sequence: dense Triton decode vs HyLRA COMPUTE (summary update for the new token,
     block scoring, top-k, attention over the selection) and REUSE (attention over a handed-over selection)."""
     from longserve.kernels.triton import dense as tri_dense
     from longserve.kernels.triton import hylra as tri
@@ -203,8 +208,8 @@ def time_decode(ctx: SuiteContext):
         hq, hkv, d, bs, topk = 32, 8, 128, 64, 2048
         contexts = [131072, 1 << 20] if ctx.quick else [131072, 1 << 20, 4 << 20]
     dtype = torch.bfloat16 if ctx.cuda else torch.float16
-    params = dict(topk_tokens=topk, sink_blocks=1, recent_blocks=4, per_head=False, head_reduce="max",
-                  prefill_tile=64)
+    params = dict(topk_tokens=topk, sink_blocks=1, recent_blocks=4, per_head=False, head_reduce="sum",
+                  prefill_tile=64, score="mean")
     elem = torch.tensor([], dtype=dtype).element_size()
     for n in contexts:
         kv_bytes = 2 * n * hkv * d * elem
@@ -218,15 +223,16 @@ def time_decode(ctx: SuiteContext):
             continue
         cache, meta, q, k, v = paged_case(ctx, dtype, [(n, 1)], hq, hkv, d, bs)
         tri_dense.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
-        sel = tri.select(q, cache.aux["kmin"], cache.aux["kmax"], meta, **params)
+        del cache.aux["kmin"], cache.aux["kmax"]  # score "mean" keeps only the mean table
+        sel = tri.select(q, cache.aux, meta, **params)
         out = torch.empty_like(q)
 
         def dense():
             tri_dense.paged_attention(q, cache.k, cache.v, meta, out=out)
 
         def compute():
-            tri.update_block_bounds(cache.k, cache.aux["kmin"], cache.aux["kmax"], meta.slot_mapping)
-            s = tri.select(q, cache.aux["kmin"], cache.aux["kmax"], meta, **params)
+            tri.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
+            s = tri.select(q, cache.aux, meta, **params)
             tri.attend(q, cache.k, cache.v, meta, s, out=out)
 
         def reuse():
@@ -238,10 +244,10 @@ def time_decode(ctx: SuiteContext):
         nb = -(-n // bs)
         selected = int((sel.blocks >= 0).sum(-1).max())
         sel_bytes = 2 * selected * bs * hkv * d * elem
-        bound_bytes = 2 * nb * hkv * d * elem
+        summary_bytes = nb * hkv * d * elem
         label = f"{n // 1024}K tok bf16 Hq{hq}/Hkv{hkv}" if ctx.cuda else f"{n} tok (interpreter)"
         yield TimingRow("hylra.decode", f"compute {label}", compute_ms, "dense triton", dense_ms,
-                        bytes_moved=bound_bytes + sel_bytes,
+                        bytes_moved=summary_bytes + sel_bytes,
                         note=f"{selected} of {nb} blocks (topk {topk})")
         yield TimingRow("hylra.decode", f"reuse {label}", reuse_ms, "dense triton", dense_ms, bytes_moved=sel_bytes,
                         note=f"{selected} of {nb} blocks")
@@ -261,7 +267,8 @@ def _hylra_calls(dtype: torch.dtype) -> None:
             nb = sum(-(-c // bs) for c, _ in seqs) + 1
             cache = LayerCache(torch.empty(nb, hkv, bs, d, dtype=dtype), torch.empty(nb, hkv, bs, d, dtype=dtype),
                                {"kmin": torch.empty(nb, hkv, d, dtype=dtype),
-                                "kmax": torch.empty(nb, hkv, d, dtype=dtype)})
+                                "kmax": torch.empty(nb, hkv, d, dtype=dtype),
+                                "kmean": torch.empty(nb, hkv, d, dtype=dtype)})
             t = sum(n for _, n in seqs)
             width = max(-(-c // bs) for c, _ in seqs)
             meta = AttentionMetadata(
@@ -272,10 +279,10 @@ def _hylra_calls(dtype: torch.dtype) -> None:
                                              dtype=torch.int32),
                 block_size=bs, context_lens_cpu=[c for c, _ in seqs], query_lens_cpu=[n for _, n in seqs])
             q = torch.empty(t, hq, d, dtype=dtype)
-            tri.update_block_bounds(cache.k, cache.aux["kmin"], cache.aux["kmax"], meta.slot_mapping)
-            for per_head in (False, True):
-                sel = tri.select(q, cache.aux["kmin"], cache.aux["kmax"], meta, topk_tokens=2048, sink_blocks=1,
-                                 recent_blocks=4, per_head=per_head, head_reduce="max", prefill_tile=64)
+            tri.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
+            for per_head, score in ((False, "mean"), (True, "mean"), (False, "bound")):
+                sel = tri.select(q, cache.aux, meta, topk_tokens=2048, sink_blocks=1, recent_blocks=4,
+                                 per_head=per_head, head_reduce="sum", prefill_tile=64, score=score)
                 tri.attend(q, cache.k, cache.v, meta, sel)
 
 

@@ -2,7 +2,7 @@
 
 Per layer the plan says:
   full     dense attention (normally routed to DenseBackend by kernels/registry.py; handled here too)
-  compute  score the blocks from per-block key bounds (aux tables kmin/kmax), keep sinks + recent blocks +
+  compute  score the blocks from per-block key summaries (aux tables), keep sinks + recent blocks +
            the top-scoring blocks up to the token budget, attend to them; the selection is left in
            state.selections[layer] for later layers
   reuse    attend to exactly the blocks that layer `source` selected in this forward pass (no scoring)
@@ -16,6 +16,9 @@ Parameters (plan.params):
   per_head      false  each query head selects for itself instead of one selection per GQA group
   head_reduce   "max"  how a GQA group's per-head block scores combine: "max" or "sum"
   prefill_tile  64     query tokens per selection tile in prefill
+  score         "mean" block score: "mean" = q . mean key (aux table kmean), "bound" = Quest upper bound
+                       sum_d max(q_d kmin_d, q_d kmax_d) (aux tables kmin, kmax)
+Defaults "mean" and "max" measured best on the default model (docs/policies.md).
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "per_head": False,
     "head_reduce": "max",
     "prefill_tile": 64,
+    "score": "mean",
 }
+
+# Per-block key summaries each score needs (aux tables [num_blocks, Hkv, D] in the cache dtype).
+SUMMARY_TABLES = {"mean": ("kmean",), "bound": ("kmin", "kmax")}
 
 
 def _int_param(params: dict, name: str, minimum: int) -> int:
@@ -63,6 +70,8 @@ def validate_params(params: dict[str, Any] | None) -> dict[str, Any]:
         raise BackendError(f"hylra: per_head must be true or false, got {out['per_head']!r}")
     if out["head_reduce"] not in ("max", "sum"):
         raise BackendError(f"hylra: head_reduce must be 'max' or 'sum', got {out['head_reduce']!r}")
+    if out["score"] not in SUMMARY_TABLES:
+        raise BackendError(f"hylra: score must be 'mean' or 'bound', got {out['score']!r}")
     return out
 
 
@@ -79,20 +88,35 @@ class HyLRABackend:
         self._dense = DenseBackend(impl)
 
     def aux_specs(self, num_kv_heads: int, head_dim: int) -> dict:
-        # Per block and KV head, the elementwise min and max of its keys (cache dtype: min/max are exact).
-        return {"kmin": ((num_kv_heads, head_dim), None), "kmax": ((num_kv_heads, head_dim), None)}
+        # Per block and KV head: the mean key ("mean") or the elementwise min and max of the keys ("bound"),
+        # in the cache dtype (min/max exact; the mean computed in float32, rounded once).
+        return {name: ((num_kv_heads, head_dim), None) for name in SUMMARY_TABLES[self.params["score"]]}
+
+    def prepare_synthetic(self, layer_idx: int, cache: LayerCache, num_blocks: int) -> None:
+        """Rebuild the summaries of blocks [0, num_blocks) written directly into the cache, all full (benches)."""
+        chunk = max(1, (1 << 24) // cache.k[0].numel())
+        for start in range(0, num_blocks, chunk):
+            end = min(num_blocks, start + chunk)
+            keys = cache.k[start:end].float()
+            if "kmin" in cache.aux:
+                cache.aux["kmin"][start:end] = keys.amin(dim=2).to(cache.aux["kmin"].dtype)
+                cache.aux["kmax"][start:end] = keys.amax(dim=2).to(cache.aux["kmax"].dtype)
+            if "kmean" in cache.aux:
+                cache.aux["kmean"][start:end] = keys.mean(dim=2).to(cache.aux["kmean"].dtype)
 
     def _selection_params(self) -> dict[str, Any]:
         p = self.params
         return {k: p[k] for k in ("topk_tokens", "sink_blocks", "recent_blocks", "per_head", "head_reduce",
-                                  "prefill_tile")}
+                                  "prefill_tile", "score")}
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
                 meta: AttentionMetadata, state: StepState) -> torch.Tensor:
         if not 0 <= layer_idx < len(self.plan.layers):
             raise BackendError(f"hylra: layer {layer_idx} is outside the plan's {len(self.plan.layers)} layers")
-        if "kmin" not in cache.aux or "kmax" not in cache.aux:
-            raise BackendError("hylra: the layer cache lacks the kmin/kmax aux tables (allocate with aux_specs)")
+        needed = SUMMARY_TABLES[self.params["score"]]
+        if any(name not in cache.aux for name in needed):
+            raise BackendError(f"hylra: the layer cache lacks the aux table(s) {', '.join(needed)} "
+                               "(allocate them with aux_specs)")
         if q.shape[1] % k.shape[1] != 0:
             raise BackendError(f"hylra: {q.shape[1]} query heads do not split into {k.shape[1]} KV groups")
         layer = self.plan.layers[layer_idx]
@@ -112,10 +136,10 @@ class HyLRABackend:
             write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
         else:
             ref_dense.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
-        kern.update_block_bounds(cache.k, cache.aux["kmin"], cache.aux["kmax"], meta.slot_mapping)
+        kern.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
 
         if layer.mode == "compute":
-            selection = kern.select(q, cache.aux["kmin"], cache.aux["kmax"], meta, **self._selection_params())
+            selection = kern.select(q, cache.aux, meta, **self._selection_params())
             state.selections[layer_idx] = selection
         else:
             selection = state.selections.get(layer.source)

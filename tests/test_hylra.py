@@ -104,7 +104,8 @@ class Case:
             # Stale garbage in the cache and aux tables: the backend must never read what it did not write.
             cache = LayerCache(torch.randn(shape, generator=g).to(dtype) * 50, torch.randn(shape, generator=g).to(dtype),
                                {"kmin": torch.full((num_blocks, hkv, d), 7.0, dtype=dtype),
-                                "kmax": torch.full((num_blocks, hkv, d), -7.0, dtype=dtype)})
+                                "kmax": torch.full((num_blocks, hkv, d), -7.0, dtype=dtype),
+                                "kmean": torch.full((num_blocks, hkv, d), 3.0, dtype=dtype)})
             past_slots, past_k, past_v = [], [], []
             for s, (ctx, qlen) in enumerate(seqs):
                 for p in range(ctx - qlen):
@@ -113,7 +114,7 @@ class Case:
                 past_v.append(torch.randn(ctx - qlen, hkv, d, generator=g))
             slots = torch.tensor(past_slots, dtype=torch.long)
             ref_dense.write_kv(cache.k, cache.v, torch.cat(past_k), torch.cat(past_v), slots)
-            ref.update_block_bounds(cache.k, cache.aux["kmin"], cache.aux["kmax"], slots)
+            ref.update_block_summaries(cache.k, cache.aux, slots)
             self.caches.append(cache)
         positions, slots, qlens, ctxs = [], [], [], []
         for s, (ctx, qlen) in enumerate(seqs):
@@ -186,11 +187,12 @@ def test_covering_budget_equals_dense(seqs, per_head):
         assert torch.equal(c.k, cd.k) and torch.equal(c.v, cd.v)
 
 
-@pytest.mark.parametrize("per_head,head_reduce", [(False, "max"), (False, "sum"), (True, "max")])
-def test_reuse_attends_exactly_the_source_selection(per_head, head_reduce):
+@pytest.mark.parametrize("per_head,head_reduce,score", [(False, "max", "bound"), (False, "sum", "mean"),
+                                                         (True, "max", "mean")])
+def test_reuse_attends_exactly_the_source_selection(per_head, head_reduce, score):
     case = Case(SEQS_MIXED + [(90, 17)], hq=6, hkv=2, bs=4, num_layers=4, seed=1)
     plan = hylra_plan(["full", "compute", ("reuse", 1), ("reuse", 1)], topk_tokens=24, sink_blocks=1,
-                      recent_blocks=2, prefill_tile=5, per_head=per_head, head_reduce=head_reduce)
+                      recent_blocks=2, prefill_tile=5, per_head=per_head, head_reduce=head_reduce, score=score)
     outs, caches, state = case.run(HyLRABackend(plan, impl="torch"))
     assert set(state.selections) == {1}  # only the COMPUTE layer selects
     sel = state.selections[1]
@@ -208,29 +210,35 @@ def test_reuse_attends_exactly_the_source_selection(per_head, head_reduce):
     assert torch.equal(out2, outs[2])
 
 
-def brute_scores(case, layer, caches, tile, candidates, per_head, head_reduce):
-    """Quest bound per candidate block from its raw keys, elementwise (no kmin/kmax tables)."""
+def brute_scores(case, layer, caches, tile, candidates, per_head, head_reduce, score):
+    """Block scores from the candidate blocks' raw keys, elementwise (no summary tables): the Quest bound
+    sum_d max(q_d min_d, q_d max_d) or q . mean key; max over the tile's queries, then the group reduce."""
     meta, bs, group = case.meta, case.bs, case.hq // case.hkv
     table = meta.block_tables[tile.seq]
     res = torch.zeros(case.hq, len(candidates), dtype=torch.float64)
     for ci, b in enumerate(candidates):
         keys = caches[layer].k[int(table[b])].double()  # [Hkv, bs, D], block fully written
-        lo, hi = keys.amin(1), keys.amax(1)
+        lo, hi, mean = keys.amin(1), keys.amax(1), keys.mean(1)
         for h in range(case.hq):
             qs = case.q[layer][tile.q_start:tile.q_end, h].double()
-            res[h, ci] = torch.maximum(qs * lo[h // group], qs * hi[h // group]).sum(-1).max()
+            if score == "mean":
+                res[h, ci] = (qs @ mean[h // group]).max()
+            else:
+                res[h, ci] = torch.maximum(qs * lo[h // group], qs * hi[h // group]).sum(-1).max()
     if per_head:
         return res
     res = res.reshape(case.hkv, group, -1)
     return res.amax(1) if head_reduce == "max" else res.sum(1)
 
 
-@pytest.mark.parametrize("per_head,head_reduce", [(False, "max"), (False, "sum"), (True, "max")])
-def test_selection_keeps_sinks_recent_and_top_blocks(per_head, head_reduce):
+@pytest.mark.parametrize("per_head,head_reduce,score", [(False, "max", "bound"), (False, "sum", "bound"),
+                                                         (True, "max", "bound"), (False, "sum", "mean"),
+                                                         (False, "max", "mean"), (True, "sum", "mean")])
+def test_selection_keeps_sinks_recent_and_top_blocks(per_head, head_reduce, score):
     case = Case([(97, 1), (83, 11), (40, 40)], hq=4, hkv=2, bs=4, seed=2)
     sink, recent, budget = 2, 3, 9
     plan = hylra_plan(["compute"], topk_tokens=budget * 4 - 1, sink_blocks=sink, recent_blocks=recent,
-                      prefill_tile=6, per_head=per_head, head_reduce=head_reduce)
+                      prefill_tile=6, per_head=per_head, head_reduce=head_reduce, score=score)
     _, caches, state = case.run(HyLRABackend(plan, impl="torch"))
     sel = state.selections[0]
     assert len(sel.tiles) == 1 + 2 + 7
@@ -240,7 +248,7 @@ def test_selection_keeps_sinks_recent_and_top_blocks(per_head, head_reduce):
         forced = set(range(min(sink, lo))) | set(range(lo, hi + 1))
         candidates = list(range(min(sink, lo), lo))
         want_total = min(hi + 1, max(budget, len(forced)))
-        scores = brute_scores(case, 0, caches, tile, candidates, per_head, head_reduce)
+        scores = brute_scores(case, 0, caches, tile, candidates, per_head, head_reduce, score)
         for h in range(sel.blocks.shape[1]):
             chosen = [int(b) for b in sel.blocks[ti, h] if b >= 0]
             assert chosen == sorted(set(chosen)) and len(chosen) == want_total
@@ -256,7 +264,7 @@ def test_block_bounds_track_writes_and_ignore_stale_data():
     bs, hkv, d = 4, 2, 8
     k_cache = torch.randn(6, hkv, bs, d) * 100  # stale garbage
     v_cache = torch.zeros_like(k_cache)
-    kmin, kmax = torch.full((6, hkv, d), 1e9), torch.full((6, hkv, d), -1e9)
+    kmin, kmax, kmean = torch.full((6, hkv, d), 1e9), torch.full((6, hkv, d), -1e9), torch.full((6, hkv, d), 5.0)
     written = {}
     table = [3, 0, 5]
     pos = 0
@@ -264,13 +272,14 @@ def test_block_bounds_track_writes_and_ignore_stale_data():
         keys = torch.randn(step, hkv, d)
         slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(pos, pos + step)])
         ref_dense.write_kv(k_cache, v_cache, keys, torch.zeros_like(keys), slots)
-        ref.update_block_bounds(k_cache, kmin, kmax, slots)
+        ref.update_block_summaries(k_cache, {"kmin": kmin, "kmax": kmax, "kmean": kmean}, slots)
         for i in range(step):
             written.setdefault(table[(pos + i) // bs], []).append(keys[i])
         pos += step
         for blk, ks in written.items():
             ks = torch.stack(ks)
             assert torch.equal(kmin[blk], ks.amin(0)) and torch.equal(kmax[blk], ks.amax(0))
+            torch.testing.assert_close(kmean[blk], ks.mean(0))
     # The bound is an upper bound of every q.k in the block.
     q = torch.randn(hkv, 5, d)
     bounds = ref.block_upper_bounds(q, kmin[table], kmax[table])  # [H, 5, 3]
@@ -278,6 +287,8 @@ def test_block_bounds_track_writes_and_ignore_stale_data():
         n = min(bs, pos - i * bs)
         exact = torch.einsum("hmd,hnd->hmn", q, k_cache[blk, :, :n]).amax(-1)
         assert (bounds[:, :, i] >= exact - 1e-5).all()
+        # The mean score sits below the best key of the block (and above the worst).
+        assert (ref.block_mean_scores(q, kmean[table])[:, :, i] <= exact + 1e-5).all()
 
 
 def test_reuse_without_source_selection_is_a_clear_error():
@@ -286,7 +297,7 @@ def test_reuse_without_source_selection_is_a_clear_error():
     with pytest.raises(BackendError, match="reuses layer 0"):
         case.run(backend, layers=[1])
     caches = case.clone_caches()
-    del caches[0].aux["kmin"]
+    del caches[0].aux["kmean"]
     with pytest.raises(BackendError, match="aux"):
         case.run(backend, caches=caches, layers=[0])
 
@@ -295,6 +306,7 @@ def test_reuse_without_source_selection_is_a_clear_error():
     ({"topk_tokens": 0}, "topk_tokens"), ({"topk_tokens": "2k"}, "topk_tokens"), ({"topk_tokens": True}, "topk_tokens"),
     ({"sink_blocks": -1}, "sink_blocks"), ({"recent_blocks": 0}, "recent_blocks"), ({"per_head": 1}, "per_head"),
     ({"head_reduce": "mean"}, "head_reduce"), ({"prefill_tile": 0}, "prefill_tile"), ({"topk": 5}, "unknown"),
+    ({"score": "max"}, "score must be 'mean' or 'bound'"),
 ])
 def test_bad_params_are_clear_errors(params, match):
     with pytest.raises(BackendError, match=match):
@@ -341,26 +353,35 @@ def test_triton_block_bounds_match_reference(dtype):
     from longserve.kernels.triton import hylra as tri
     case = triton_case(dtype, seed=4)
     c = written_cache(case)
-    want_min, want_max = c.aux["kmin"].clone(), c.aux["kmax"].clone()
-    ref.update_block_bounds(c.k, want_min, want_max, case.meta.slot_mapping)
+    want = {name: table.clone() for name, table in c.aux.items()}
+    ref.update_block_summaries(c.k, want, case.meta.slot_mapping)
     touched = torch.div(case.meta.slot_mapping, 16, rounding_mode="floor").unique()
-    c.aux["kmin"][touched] = float("nan")  # poisoned: every touched block must be rewritten
-    c.aux["kmax"][touched] = float("nan")
-    tri.update_block_bounds(c.k, c.aux["kmin"], c.aux["kmax"], case.meta.slot_mapping)
-    assert torch.equal(c.aux["kmin"], want_min) and torch.equal(c.aux["kmax"], want_max)
+    for table in c.aux.values():
+        table[touched] = float("nan")  # poisoned: every touched block must be rewritten
+    tri.update_block_summaries(c.k, c.aux, case.meta.slot_mapping)
+    assert torch.equal(c.aux["kmin"], want["kmin"]) and torch.equal(c.aux["kmax"], want["kmax"])
+    torch.testing.assert_close(c.aux["kmean"], want["kmean"], atol=1e-6, rtol=1e-3)  # sums in another order
+    # Only the mean table (score "mean"), then only the bounds: each alone is updated alike.
+    for names in (("kmean",), ("kmin", "kmax")):
+        part = {n: torch.full_like(c.aux[n], float("nan")) for n in names}
+        tri.update_block_summaries(c.k, part, case.meta.slot_mapping)
+        for n in names:
+            torch.testing.assert_close(part[n][touched], want[n][touched], atol=1e-6, rtol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("per_head,head_reduce", [(False, "max"), (False, "sum"), (True, "max")])
-def test_triton_selection_matches_reference(dtype, per_head, head_reduce):
+@pytest.mark.parametrize("per_head,head_reduce,score", [(False, "max", "bound"), (False, "sum", "bound"),
+                                                         (True, "max", "bound"), (False, "sum", "mean"),
+                                                         (True, "sum", "mean")])
+def test_triton_selection_matches_reference(dtype, per_head, head_reduce, score):
     from longserve.kernels.triton import hylra as tri
     case = triton_case(dtype, seed=5)
     c = written_cache(case)
-    ref.update_block_bounds(c.k, c.aux["kmin"], c.aux["kmax"], case.meta.slot_mapping)
+    ref.update_block_summaries(c.k, c.aux, case.meta.slot_mapping)
     params = dict(topk_tokens=100, sink_blocks=1, recent_blocks=2, per_head=per_head, head_reduce=head_reduce,
-                  prefill_tile=20)  # > 16: the scoring kernel walks a tile's queries in row chunks
-    want = ref.select(case.q[0], c.aux["kmin"], c.aux["kmax"], case.meta, **params)
-    got = tri.select(case.q[0], c.aux["kmin"], c.aux["kmax"], case.meta, **params)
+                  prefill_tile=20, score=score)  # tiles > 16 queries: the scoring kernel walks them in chunks
+    want = ref.select(case.q[0], c.aux, case.meta, **params)
+    got = tri.select(case.q[0], c.aux, case.meta, **params)
     assert got.tiles == want.tiles
     assert got.blocks.shape == want.blocks.shape and got.blocks.shape[2] == 7  # ceil(100 / 16) blocks
     assert same_blocks(got.blocks, want.blocks)
@@ -375,8 +396,8 @@ def test_triton_attention_over_selected_blocks_matches_reference(dtype, tol, per
     # GQA group of 3, head_dim not a power of two; 32-query tiles x 3 heads = 96 rows: two row chunks.
     case = triton_case(dtype, seed=6, hq=6, hkv=2, d=24)
     c = written_cache(case)
-    ref.update_block_bounds(c.k, c.aux["kmin"], c.aux["kmax"], case.meta.slot_mapping)
-    sel = ref.select(case.q[0], c.aux["kmin"], c.aux["kmax"], case.meta, topk_tokens=64, sink_blocks=1,
+    ref.update_block_summaries(c.k, c.aux, case.meta.slot_mapping)
+    sel = ref.select(case.q[0], c.aux, case.meta, topk_tokens=64, sink_blocks=1,
                      recent_blocks=2, per_head=per_head, head_reduce="max", prefill_tile=32)
     want = ref.attend(case.q[0], c.k, c.v, case.meta, sel)
     out = torch.full_like(case.q[0], float("nan"))
@@ -397,6 +418,7 @@ def test_triton_backend_matches_reference_backend(dtype, tol):
         torch.testing.assert_close(o.float(), w.float(), atol=tol, rtol=tol)
     for c, w in zip(got_caches[1:], want_caches[1:]):
         assert torch.equal(c.aux["kmin"], w.aux["kmin"]) and torch.equal(c.aux["kmax"], w.aux["kmax"])
+        torch.testing.assert_close(c.aux["kmean"], w.aux["kmean"], atol=1e-6, rtol=1e-3)
     # With a covering budget the Triton path equals dense.
     cover = hylra_plan(["compute", ("reuse", 0), "compute"], topk_tokens=16 * 20, prefill_tile=8)
     got, _, _ = case.run(HyLRABackend(cover, impl="triton"))
@@ -415,11 +437,11 @@ def test_triton_decode_selection_matches_reference_with_static_width():
     from longserve.kernels.triton import hylra as tri
     case = Case([(20, 1), (230, 1), (161, 1)], hq=4, hkv=2, d=16, bs=16, seed=8)
     c = written_cache(case)
-    ref.update_block_bounds(c.k, c.aux["kmin"], c.aux["kmax"], case.meta.slot_mapping)
+    ref.update_block_summaries(c.k, c.aux, case.meta.slot_mapping)
     params = dict(topk_tokens=100, sink_blocks=1, recent_blocks=2, per_head=False, head_reduce="sum",
                   prefill_tile=8)
-    want = ref.select(case.q[0], c.aux["kmin"], c.aux["kmax"], case.meta, **params)
-    got = tri.select(case.q[0], c.aux["kmin"], c.aux["kmax"], case.meta, **params)
+    want = ref.select(case.q[0], c.aux, case.meta, **params)
+    got = tri.select(case.q[0], c.aux, case.meta, **params)
     # Decode width depends only on the budget (CUDA graphs), the short sequence pads with -1.
     assert got.blocks.shape[2] == 7 and (got.blocks[0] >= 0).sum(-1).tolist() == [2, 2]
     assert same_blocks(got.blocks, want.blocks)

@@ -11,10 +11,11 @@ Selection semantics (shared by the reference and the Triton path)
 - The rest of the budget, budget_blocks = ceil(topk_tokens / block_size) blocks in all, goes to the highest
   scoring blocks that lie before the local run. A tile keeps max(budget_blocks, kept) blocks, or every
   visible block when there are fewer.
-- Block score: the Quest upper bound of q.k over the block, sum_d max(q_d * kmin_d, q_d * kmax_d), computed
-  as relu(q) . kmax + min(q, 0) . kmin (the same value: a positive q_d picks kmax_d, a negative one kmin_d).
-  Reduced by max over the tile's queries, then over the query heads sharing a selection by `head_reduce`
-  ("max" or "sum"); with per_head each query head selects for itself.
+- Block score (`score`): "mean": q . (mean key of the block); "bound": the Quest upper bound of q.k over the
+  block, sum_d max(q_d * kmin_d, q_d * kmax_d), computed as relu(q) . kmax + min(q, 0) . kmin (the same
+  value: a positive q_d picks kmax_d, a negative one kmin_d). Reduced by max over the tile's queries, then
+  over the query heads sharing a selection by `head_reduce` ("sum" or "max"); with per_head each query head
+  selects for itself.
 """
 
 from __future__ import annotations
@@ -81,12 +82,12 @@ def tile_selected_count(tile: Tile, block_size: int, budget_blocks: int, sink_bl
     return min(visible, max(budget_blocks, kept))
 
 
-def update_block_bounds(k_cache: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> None:
-    """Recompute kmin/kmax [num_blocks, Hkv, D] of every block the step wrote, over the block's filled part.
+def update_block_summaries(k_cache: torch.Tensor, aux: dict[str, torch.Tensor], slot_mapping: torch.Tensor) -> None:
+    """Recompute the per-block key summaries present in aux ("kmin"/"kmax": elementwise min/max, "kmean": mean;
+    each [num_blocks, Hkv, D]) of every block the step wrote, over the block's filled part.
 
     A block is filled from offset 0 upwards, so its valid tokens are offsets 0..(largest offset written now);
-    recomputing (rather than min-merging) ignores whatever a freed and reused block held before.
+    recomputing (rather than merging) ignores whatever a freed and reused block held before.
     """
     if slot_mapping.numel() == 0:
         return
@@ -95,11 +96,22 @@ def update_block_bounds(k_cache: torch.Tensor, kmin: torch.Tensor, kmax: torch.T
     offsets = slot_mapping % bs
     touched, inverse = torch.unique(blocks, return_inverse=True)
     fill = torch.zeros_like(touched).scatter_reduce(0, inverse, offsets + 1, reduce="amax")
-    valid = torch.arange(bs, device=k_cache.device)[None, :] < fill[:, None]  # [nb, bs]
+    valid = (torch.arange(bs, device=k_cache.device)[None, :] < fill[:, None])[:, None, :, None]  # [nb,1,bs,1]
     keys = k_cache[touched].float()  # [nb, Hkv, bs, D]
     inf = torch.tensor(float("inf"), device=k_cache.device)
-    kmin[touched] = torch.where(valid[:, None, :, None], keys, inf).amin(dim=2).to(kmin.dtype)
-    kmax[touched] = torch.where(valid[:, None, :, None], keys, -inf).amax(dim=2).to(kmax.dtype)
+    if "kmin" in aux:
+        aux["kmin"][touched] = torch.where(valid, keys, inf).amin(dim=2).to(aux["kmin"].dtype)
+    if "kmax" in aux:
+        aux["kmax"][touched] = torch.where(valid, keys, -inf).amax(dim=2).to(aux["kmax"].dtype)
+    if "kmean" in aux:
+        mean = torch.where(valid, keys, 0.0).sum(dim=2) / fill[:, None, None].float()
+        aux["kmean"][touched] = mean.to(aux["kmean"].dtype)
+
+
+def update_block_bounds(k_cache: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> None:
+    """update_block_summaries for the min/max tables only."""
+    update_block_summaries(k_cache, {"kmin": kmin, "kmax": kmax}, slot_mapping)
 
 
 def block_upper_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
@@ -113,6 +125,24 @@ def block_upper_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) 
     return torch.bmm(qf.clamp_min(0), hi) + torch.bmm(qf.clamp_max(0), lo)
 
 
+def block_mean_scores(q: torch.Tensor, kmean: torch.Tensor) -> torch.Tensor:
+    """q . mean key of each block. q [Hq, M, D]; kmean [nb, Hkv, D]. Returns [Hq, M, nb] float32 (unscaled)."""
+    group = q.shape[0] // kmean.shape[1]
+    return torch.bmm(q.float(), kmean.float().permute(1, 2, 0).repeat_interleave(group, dim=0))
+
+
+def summary_table(score: str) -> str:
+    """An aux table every layer scored with `score` has (to read the KV head count from)."""
+    return "kmean" if score == "mean" else "kmin"
+
+
+def block_scores(q: torch.Tensor, aux: dict[str, torch.Tensor], phys: torch.Tensor, score: str) -> torch.Tensor:
+    """[Hq, M, nb] scores of the physical blocks phys for queries q [Hq, M, D] ("mean" or "bound")."""
+    if score == "mean":
+        return block_mean_scores(q, aux["kmean"][phys])
+    return block_upper_bounds(q, aux["kmin"][phys], aux["kmax"][phys])
+
+
 def reduce_scores(bounds: torch.Tensor, num_kv_heads: int, per_head: bool, head_reduce: str) -> torch.Tensor:
     """[Hq, M, nb] bounds -> [num_sel_heads, nb] block scores (max over queries, then over the group)."""
     per_query_head = bounds.amax(dim=1)  # [Hq, nb]
@@ -122,11 +152,11 @@ def reduce_scores(bounds: torch.Tensor, num_kv_heads: int, per_head: bool, head_
     return grouped.amax(dim=1) if head_reduce == "max" else grouped.sum(dim=1)
 
 
-def select_tile_blocks(q_tile: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
+def select_tile_blocks(q_tile: torch.Tensor, aux: dict[str, torch.Tensor], block_table: torch.Tensor,
                        tile: Tile, block_size: int, budget_blocks: int, sink_blocks: int, recent_blocks: int,
-                       per_head: bool, head_reduce: str) -> torch.Tensor:
+                       per_head: bool, head_reduce: str, score: str) -> torch.Tensor:
     """Sorted logical block ids [num_sel_heads, n] one tile attends to. q_tile [M, Hq, D]."""
-    hq, hkv = q_tile.shape[1], kmin.shape[1]
+    hq, hkv = q_tile.shape[1], aux[summary_table(score)].shape[1]
     num_sel = hq if per_head else hkv
     lo, hi = local_blocks(tile, block_size, recent_blocks)
     kept = torch.cat([torch.arange(min(sink_blocks, lo)), torch.arange(lo, hi + 1)]).to(q_tile.device)
@@ -137,8 +167,8 @@ def select_tile_blocks(q_tile: torch.Tensor, kmin: torch.Tensor, kmax: torch.Ten
         return kept.clone()
     candidates = torch.arange(min(sink_blocks, lo), lo, device=q_tile.device)  # blocks before the local run
     phys = block_table[candidates].long()
-    bounds = block_upper_bounds(q_tile.transpose(0, 1), kmin[phys], kmax[phys])
-    scores = reduce_scores(bounds, hkv, per_head, head_reduce)  # [num_sel, n_candidates]
+    per_query = block_scores(q_tile.transpose(0, 1), aux, phys, score)
+    scores = reduce_scores(per_query, hkv, per_head, head_reduce)  # [num_sel, n_candidates]
     top = candidates[scores.topk(n_top, dim=-1).indices]
     return torch.cat([kept, top], dim=1).sort(dim=1).values
 
@@ -174,16 +204,16 @@ def attend_tile(q_tile: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out.transpose(0, 1).to(q_tile.dtype)
 
 
-def select(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, meta: AttentionMetadata, *, topk_tokens: int,
-           sink_blocks: int, recent_blocks: int, per_head: bool, head_reduce: str,
-           prefill_tile: int) -> HyLRASelection:
-    """Every tile's selection for one layer's queries q [T, Hq, D] (kmin/kmax already updated)."""
+def select(q: torch.Tensor, aux: dict[str, torch.Tensor], meta: AttentionMetadata, *, topk_tokens: int,
+           sink_blocks: int, recent_blocks: int, per_head: bool, head_reduce: str, prefill_tile: int,
+           score: str = "mean") -> HyLRASelection:
+    """Every tile's selection for one layer's queries q [T, Hq, D] (aux tables already updated)."""
     bs = meta.block_size
     budget_blocks = -(-topk_tokens // bs)
     tiles = make_tiles(meta, prefill_tile)
-    per_tile = [select_tile_blocks(q[t.q_start:t.q_end], kmin, kmax, meta.block_tables[t.seq], t, bs, budget_blocks,
-                                   sink_blocks, recent_blocks, per_head, head_reduce) for t in tiles]
-    num_sel = q.shape[1] if per_head else kmin.shape[1]
+    per_tile = [select_tile_blocks(q[t.q_start:t.q_end], aux, meta.block_tables[t.seq], t, bs, budget_blocks,
+                                   sink_blocks, recent_blocks, per_head, head_reduce, score) for t in tiles]
+    num_sel = q.shape[1] if per_head else aux[summary_table(score)].shape[1]
     width = max((b.shape[1] for b in per_tile), default=0)
     blocks = torch.full((len(tiles), num_sel, width), -1, dtype=torch.long, device=q.device)
     for i, b in enumerate(per_tile):

@@ -1,4 +1,4 @@
-"""Triton kernels for HyLRA: block-bound update, block scoring (+ torch.topk), attention over selected blocks.
+"""Triton kernels for HyLRA: block-summary update, block scoring (+ torch.topk), attention over selected blocks.
 
 Same semantics and signatures as kernels/reference/hylra.py (update_block_bounds, select, attend). The decode
 path never waits for the device: tile descriptors come from the metadata's device tensors, the number of
@@ -18,9 +18,10 @@ from .common import check_same_device, next_power_of_2
 
 # ------------------------------------------------------------------------------------ block bounds
 @triton.jit
-def _update_bounds_kernel(k_cache, kmin, kmax, slot_mapping, num_tokens,
-                          s_kb, s_kh, s_ko, s_mb, s_mh,
-                          BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+def _update_summaries_kernel(k_cache, kmin, kmax, kmean, slot_mapping, num_tokens,
+                             s_kb, s_kh, s_ko, s_mb, s_mh,
+                             BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BOUNDS: tl.constexpr,
+                             MEAN: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_mapping + t)
@@ -35,35 +36,51 @@ def _update_bounds_kernel(k_cache, kmin, kmax, slot_mapping, num_tokens,
         cols = tl.arange(0, BLOCK_D)
         ptrs = k_cache + block * s_kb + h * s_kh + rows[:, None] * s_ko + cols[None, :]
         valid = (rows[:, None] <= offset) & (cols[None, :] < D)
-        lo = tl.min(tl.load(ptrs, mask=valid, other=float("inf")).to(tl.float32), axis=0)
-        hi = tl.max(tl.load(ptrs, mask=valid, other=float("-inf")).to(tl.float32), axis=0)
+        keys = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
         out = block * s_mb + h * s_mh + cols
-        tl.store(kmin + out, lo.to(kmin.dtype.element_ty), mask=cols < D)
-        tl.store(kmax + out, hi.to(kmax.dtype.element_ty), mask=cols < D)
+        if BOUNDS:
+            lo = tl.min(tl.where(valid, keys, float("inf")), axis=0)
+            hi = tl.max(tl.where(valid, keys, float("-inf")), axis=0)
+            tl.store(kmin + out, lo.to(kmin.dtype.element_ty), mask=cols < D)
+            tl.store(kmax + out, hi.to(kmax.dtype.element_ty), mask=cols < D)
+        if MEAN:
+            mean = tl.sum(keys, axis=0) / (offset + 1).to(tl.float32)
+            tl.store(kmean + out, mean.to(kmean.dtype.element_ty), mask=cols < D)
+
+
+def update_block_summaries(k_cache: torch.Tensor, aux: dict[str, torch.Tensor], slot_mapping: torch.Tensor) -> None:
+    """Recompute the summaries present in aux (kmin/kmax, kmean) of every block the step wrote."""
+    num_tokens = slot_mapping.shape[0]
+    bounds, mean = "kmin" in aux, "kmean" in aux
+    if num_tokens == 0 or not (bounds or mean):
+        return
+    first = aux["kmin"] if bounds else aux["kmean"]
+    kmin = aux.get("kmin", first)
+    kmax = aux.get("kmax", first)
+    kmean = aux.get("kmean", first)
+    check_same_device(k_cache=k_cache, summaries=first, slot_mapping=slot_mapping)
+    _, hkv, bs, d = k_cache.shape
+    assert k_cache.stride(3) == 1 and all(t.stride() == first.stride() for t in (kmin, kmax, kmean))
+    _update_summaries_kernel[(num_tokens, hkv)](
+        k_cache, kmin, kmax, kmean, slot_mapping, num_tokens,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), first.stride(0), first.stride(1),
+        BS=bs, D=d, BLOCK_D=next_power_of_2(d), BOUNDS=bounds, MEAN=mean)
 
 
 def update_block_bounds(k_cache: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                         slot_mapping: torch.Tensor) -> None:
-    num_tokens = slot_mapping.shape[0]
-    if num_tokens == 0:
-        return
-    check_same_device(k_cache=k_cache, kmin=kmin, kmax=kmax, slot_mapping=slot_mapping)
-    _, hkv, bs, d = k_cache.shape
-    assert k_cache.stride(3) == 1 and kmin.stride(2) == 1 and kmax.stride() == kmin.stride()
-    _update_bounds_kernel[(num_tokens, hkv)](
-        k_cache, kmin, kmax, slot_mapping, num_tokens,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), kmin.stride(0), kmin.stride(1),
-        BS=bs, D=d, BLOCK_D=next_power_of_2(d))
+    update_block_summaries(k_cache, {"kmin": kmin, "kmax": kmax}, slot_mapping)
 
 
 # ------------------------------------------------------------------------------------ block scoring
 @triton.jit
-def _score_blocks_kernel(q, kmin, kmax, block_tables, tile_seq, tile_q_start, tile_q_len, tile_first, tile_last,
+def _score_blocks_kernel(q, kmin, kmax, kmean, block_tables, tile_seq, tile_q_start, tile_q_len, tile_first, tile_last,
                          scores, max_blocks,
                          s_qt, s_qh, s_mb, s_mh, s_bt, s_st, s_sh,
                          BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, GROUP: tl.constexpr, HEADS_PER_SEL: tl.constexpr,
-                         SINK: tl.constexpr, RECENT: tl.constexpr, SUM_HEADS: tl.constexpr, IEEE: tl.constexpr):
+                         SINK: tl.constexpr, RECENT: tl.constexpr, SUM_HEADS: tl.constexpr, IEEE: tl.constexpr,
+                         MEAN: tl.constexpr):
     t = tl.program_id(0)
     s = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -83,8 +100,12 @@ def _score_blocks_kernel(q, kmin, kmax, block_tables, tile_seq, tile_q_start, ti
         phys = tl.load(block_tables + seq * s_bt + blk, mask=candidate, other=0)
         kmask = candidate[:, None] & (cols[None, :] < D)
         kptr = phys[:, None] * s_mb + kv_head * s_mh + cols[None, :]
-        lo_keys = tl.load(kmin + kptr, mask=kmask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
-        hi_keys = tl.load(kmax + kptr, mask=kmask, other=0.0).to(tl.float32)
+        if MEAN:  # q . mean key: lo_keys holds the means, hi_keys is unused
+            lo_keys = tl.load(kmean + kptr, mask=kmask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
+            hi_keys = lo_keys
+        else:
+            lo_keys = tl.load(kmin + kptr, mask=kmask, other=0.0).to(tl.float32)
+            hi_keys = tl.load(kmax + kptr, mask=kmask, other=0.0).to(tl.float32)
         if SUM_HEADS:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         else:
@@ -99,8 +120,13 @@ def _score_blocks_kernel(q, kmin, kmax, block_tables, tile_seq, tile_q_start, ti
                 rows = m0 + tl.arange(0, BLOCK_M)
                 qptr = q + (q_start + rows[:, None]) * s_qt + head * s_qh + cols[None, :]
                 qv = tl.load(qptr, mask=(rows[:, None] < q_len) & (cols[None, :] < D), other=0.0).to(tl.float32)
+                if MEAN:
+                    if IEEE:
+                        bound = tl.dot(qv, tl.trans(lo_keys), input_precision="ieee")
+                    else:
+                        bound = tl.dot(qv.to(lo_keys.dtype), tl.trans(lo_keys))
                 # Quest bound sum_d max(q_d kmin_d, q_d kmax_d) = relu(q).kmax + min(q, 0).kmin
-                if IEEE:
+                elif IEEE:
                     bound = tl.dot(tl.maximum(qv, 0.0), tl.trans(hi_keys), input_precision="ieee")
                     bound += tl.dot(tl.minimum(qv, 0.0), tl.trans(lo_keys), input_precision="ieee")
                 else:
@@ -207,16 +233,19 @@ def _device_tiles(meta: AttentionMetadata, tiles, device: torch.device, block_si
     return {k: v.contiguous() for k, v in d.items()}
 
 
-def select(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, meta: AttentionMetadata, *, topk_tokens: int,
-           sink_blocks: int, recent_blocks: int, per_head: bool, head_reduce: str,
-           prefill_tile: int) -> HyLRASelection:
-    device = check_same_device(q=q, kmin=kmin, kmax=kmax)
+def select(q: torch.Tensor, aux: dict[str, torch.Tensor], meta: AttentionMetadata, *, topk_tokens: int,
+           sink_blocks: int, recent_blocks: int, per_head: bool, head_reduce: str, prefill_tile: int,
+           score: str = "mean") -> HyLRASelection:
+    mean = score == "mean"
+    first = aux["kmean"] if mean else aux["kmin"]
+    kmin, kmax, kmean = aux.get("kmin", first), aux.get("kmax", first), aux.get("kmean", first)
+    device = check_same_device(q=q, summaries=first)
     check_block_size(meta.block_size)
     bs = meta.block_size
     budget_blocks = -(-topk_tokens // bs)
     tiles = make_tiles(meta, prefill_tile)
     hq, d = q.shape[1], q.shape[2]
-    hkv = kmin.shape[1]
+    hkv = first.shape[1]
     group = hq // hkv
     num_sel = hq if per_head else hkv
     tile_t = _device_tiles(meta, tiles, device, bs, budget_blocks, sink_blocks, recent_blocks)
@@ -235,13 +264,13 @@ def select(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, meta: Attent
     block_n = 32
     max_q = max(t.q_end - t.q_start for t in tiles)
     _score_blocks_kernel[(len(tiles), num_sel, triton.cdiv(max_blocks, block_n))](
-        q, kmin, kmax, block_tables, tile_t["seq"], tile_t["q_start"], tile_t["q_len"], tile_t["first"],
+        q, kmin, kmax, kmean, block_tables, tile_t["seq"], tile_t["q_start"], tile_t["q_len"], tile_t["first"],
         tile_t["last"], scores, max_blocks,
-        q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), block_tables.stride(0), scores.stride(0),
+        q.stride(0), q.stride(1), first.stride(0), first.stride(1), block_tables.stride(0), scores.stride(0),
         scores.stride(1),
         BS=bs, D=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_M=16, BLOCK_N=block_n,
         GROUP=group, HEADS_PER_SEL=1 if per_head else group, SINK=sink_blocks, RECENT=recent_blocks,
-        SUM_HEADS=head_reduce == "sum", IEEE=q.dtype == torch.float32)
+        SUM_HEADS=head_reduce == "sum", IEEE=q.dtype == torch.float32, MEAN=mean)
     # Forced blocks score +inf, invisible ones -inf, so the top `count` of each row are exactly the selection.
     top = scores.topk(width, dim=-1).indices
     keep = torch.arange(width, device=device)[None, None, :] < tile_t["count"][:, None, None]
