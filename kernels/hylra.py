@@ -122,20 +122,16 @@ class HyLRABackend:
         layer = self.plan.layers[layer_idx]
         if layer.mode == "full":
             return self._dense.forward(layer_idx, q, k, v, cache, meta, state)
-        use_triton = resolve_impl(self.impl, q.device) == "triton"
-        if use_triton:
+        if resolve_impl(self.impl, q.device) == "triton":
             from .triton import hylra as kern  # lazily: CPU-only installs never import triton
+            from .triton.dense import write_kv
             try:
                 kern.check_block_size(meta.block_size)
             except ValueError as e:
                 raise BackendError(f"hylra: {e} (or use impl='torch')") from None
         else:
-            kern = ref
-        if use_triton:
-            from .triton.dense import write_kv
-            write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
-        else:
-            ref_dense.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
+            kern, write_kv = ref, ref_dense.write_kv
+        write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
         kern.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
 
         if layer.mode == "compute":
