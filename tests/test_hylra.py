@@ -102,7 +102,8 @@ class Case:
         for _ in range(num_layers):
             shape = (num_blocks, hkv, bs, d)
             # Stale garbage in the cache and aux tables: the backend must never read what it did not write.
-            cache = LayerCache(torch.randn(shape, generator=g).to(dtype) * 50, torch.randn(shape, generator=g).to(dtype),
+            cache = LayerCache(torch.randn(shape, generator=g).to(dtype) * 50,
+                               torch.randn(shape, generator=g).to(dtype),
                                {"kmin": torch.full((num_blocks, hkv, d), 7.0, dtype=dtype),
                                 "kmax": torch.full((num_blocks, hkv, d), -7.0, dtype=dtype),
                                 "kmean": torch.full((num_blocks, hkv, d), 3.0, dtype=dtype)})
