@@ -120,3 +120,16 @@ def test_model_errors_are_clear(tmp_path):
         LLM(model=str(bad), device="cpu")
     with pytest.raises(EngineError, match="unknown engine option"):
         LLM(model=str(bad), device="cpu", not_an_option=1)
+
+
+@pytest.mark.slow
+def test_64k_prompt_through_chunked_prefill(ckpt):
+    """Issue 2, item 7: a 64K-token prompt on CPU (time and peak memory are in docs/benchmarks.md)."""
+    n = 65536
+    llm = make_llm(ckpt, block_size=64, num_kv_blocks=n // 64 + 8, max_num_batched_tokens=8192,
+                   max_model_len=n + 64)
+    prompt = [(i * 7919) % 250 + 1 for i in range(n)]
+    out = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 4
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
