@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from ..engine.errors import EngineError
+from ..engine.llm_engine import resolve_device as engine_resolve_device
 from ..engine.models.decoder import DecoderModel, ModelConfig
 from ..kernels.base import AttentionMetadata, BackendError, LayerCache, StepState
 from ..kernels.registry import METHODS, build_backend
@@ -219,14 +221,10 @@ def _largest_fitting_context(config, dtype, device, args, aux_per_block, block_s
 # ------------------------------------------------------------------------------------------- the model
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise BenchError(f"unknown device {name!r} (expected auto, cpu or cuda[:N])") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was requested but no CUDA GPU is available")
+        dev = engine_resolve_device(name)
+    except EngineError as e:
+        raise BenchError(str(e)) from None
     if dev.type not in ("cpu", "cuda"):
         raise BenchError(f"unsupported device {name!r} (expected cpu or cuda)")
     return dev
