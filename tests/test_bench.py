@@ -279,7 +279,7 @@ def test_synthetic_aux_tables_equal_what_the_backend_writes(method):
 
     backend = build_backend(method, 1)
     specs = backend.aux_specs(2, 8)
-    assert set(specs) == {"kmin", "kmax"}
+    assert set(specs) in ({"kmin", "kmax"}, {"kmean"})  # hylra's default scores blocks by mean keys
     bs, blocks, ctx = 4, 9, 36
     torch.manual_seed(0)
     k = torch.randn(ctx, 2, 8)
@@ -298,7 +298,7 @@ def test_synthetic_aux_tables_equal_what_the_backend_writes(method):
     expected = {name: t.clone() for name, t in caches[0].aux.items()}
     for t in caches[0].aux.values():
         t.fill_(float("nan"))
-    assert tp.rebuild_aux(backend, 0, caches[0], blocks) == "kmin/kmax rebuilt from the keys"
+    assert tp.rebuild_aux(backend, 0, caches[0], blocks) in ("kmin/kmax rebuilt from the keys", "prepare_synthetic")
     for name in expected:
         assert torch.equal(caches[0].aux[name], expected[name]), name
 
