@@ -15,7 +15,7 @@ import torch
 
 from ..kernels.base import AttentionMetadata
 from ..kernels.reference import dense as ref
-from .gpu_suite import CheckResult, SuiteContext, TimingRow, check, relative_error, timing
+from .gpu_suite import CheckResult, SuiteContext, TimingRow, capture_graph, check, relative_error, timing
 
 K = 1024
 M = 1024 * 1024
@@ -304,19 +304,12 @@ def check_cuda_graph(ctx: SuiteContext):
 
         def run():
             tri.paged_attention(case.q, case.k_cache, case.v_cache, meta, out=out, num_splits=splits)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
+        replay = capture_graph(run, ctx.device)
         for new_lens in ([longest, 1, 64, 65], [17, 2999, 128, 1000]):
             meta.context_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
             meta.positions.copy_(torch.tensor([c - 1 for c in new_lens], dtype=torch.int64))
             out.fill_(float("nan"))
-            graph.replay()
+            replay()
             torch.cuda.synchronize()
             shadow = replace(meta, context_lens_cpu=list(new_lens))
             ref_out, _ = reference_f64(case.q, case.k_cache, case.v_cache, shadow)

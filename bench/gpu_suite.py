@@ -195,7 +195,7 @@ class SuiteContext:
             return (time.perf_counter() - t0) * 1e3
         run = fn
         if graph:
-            run = _capture(fn, self.device)
+            run = capture_graph(fn, self.device)
         for _ in range(2):  # warm-up (compilation happened in the capture or here)
             run()
         torch.cuda.synchronize(self.device)
@@ -215,7 +215,7 @@ class SuiteContext:
         return statistics.median(times)
 
 
-def _capture(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+def capture_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
     """One call of fn captured in a CUDA graph; returns the replay. Warm-up runs on a side stream first,
     as torch requires (and so Triton compiles outside the capture)."""
     stream = torch.cuda.Stream(device)

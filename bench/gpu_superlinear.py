@@ -26,7 +26,7 @@ from ..kernels.base import AttentionMetadata, LayerCache
 from ..kernels.reference import sparse as sparse_ref
 from ..kernels.reference import superlinear as ref
 from ..kernels.superlinear import BACKEND_DEFAULTS, make_params
-from .gpu_suite import CheckResult, SuiteContext, TimingRow, check, relative_error, timing
+from .gpu_suite import CheckResult, SuiteContext, TimingRow, capture_graph, check, relative_error, timing
 
 K = 1024
 M = 1024 * 1024
@@ -273,19 +273,12 @@ def check_cuda_graph(ctx: SuiteContext):
             torch.cuda.set_sync_debug_mode("default")
         yield CheckResult("superlinear.cuda_graph", f"{search}/{combine} eager decode: no host sync",
                           0.0 if not synced else float("nan"), 0.0, not synced, synced)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
+        replay = capture_graph(run, ctx.device)
         for lens in ([60_000, 40_000], [5_000, 33_333], [100, 59_999]):
             meta.context_lens.copy_(torch.tensor(lens, dtype=torch.int32))
             meta.positions.copy_(torch.tensor([c - 1 for c in lens], dtype=torch.int64))
             out.fill_(float("nan"))
-            graph.replay()
+            replay()
             torch.cuda.synchronize()
             shadow = replace(meta, context_lens_cpu=list(lens))
             cache64 = LayerCache(cache.k.double(), cache.v.double(), {n: t.double() for n, t in cache.aux.items()})
