@@ -93,10 +93,10 @@ def brute_force(q, k, v, positions, *, q_search=None, sw_index, num_spans, backw
                 if search == "summary":  # the Quest bound of every block, for this query
                     bound = [float(torch.maximum(qsv * kmin[blk], qsv * kmax[blk]).sum()) for blk in range(nb)]
                 cands = []  # (score, stripe, start, end)
-                for s in range(sw_index + 1, _pow_floor(t, p) + 1):
+                s = sw_index  # the published rule: stripe s is valid while floor(s^(1/p)) <= t
+                while _inv_pow_floor(s + 1, p) <= t:
+                    s += 1
                     a = qpos - _inv_pow_floor(s, p) + 1
-                    if a < 0:
-                        continue
                     start = max(0, a - _pow_ceil_times(t, ps, backward_factor))
                     end = min(a + _pow_ceil_times(t, ps, forward_factor), qpos, sw_start - 1)
                     if search == "anchor":
@@ -188,6 +188,30 @@ def test_first_query_with_a_stripe_leaves_dense():
     got = span_attention(q, k, v, positions, sw_index=3, num_spans=1, impl="torch")
     dense = dense_ref.causal_attention(q[0].transpose(0, 1), k[0], v[0], positions).transpose(0, 1)
     assert not torch.allclose(got[0], dense)
+
+
+@pytest.mark.parametrize("impl,dtype", [("torch", torch.float64), ("triton", torch.float32),
+                                        ("triton", torch.float16)])
+@pytest.mark.parametrize("search", ["anchor", "summary"])
+def test_stripe_valid_while_floor_power_reaches_t(impl, dtype, search):
+    """p = 0.55, q = 77: floor(11^(1/0.55)) = 78 <= q + 1, so stripe 11 (anchor 0) is searched although
+    11 > 78^0.55. A needle at key 0 is then found (span [0, 0] of stripe 11)."""
+    params = ref.SpanParams(sw_index=3, search_power=0.55, span_power=0.55, backward_factor=0.0,
+                            forward_factor=0.0)  # W = 11, spans of one key (their anchor)
+    assert ref.stripe_offset(11, 0.55) == 78 and 11 > 78 ** 0.55
+    assert ref.num_valid_stripes(78, params) == 8  # stripes 4 .. 11
+    assert ref.num_valid_stripes(77, params) == 7
+    g = torch.Generator().manual_seed(3)
+    d = 16
+    q = torch.randn(1, 1, 1, d, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, 80, d, generator=g, dtype=torch.float64) * 0.1
+    v = torch.zeros(1, 1, 80, d, dtype=torch.float64)
+    k[0, 0, 0] = q[0, 0, 0] * 8.0 / q[0, 0, 0].norm()  # q . k = 8 |q|: far above every other key's score
+    v[0, 0, 0] = 1.0
+    kw = dict(sw_index=3, num_spans=1, backward_factor=0.0, forward_factor=0.0, search_power=0.55,
+              span_power=0.55, combine="union", search=search, block_size=4 if search == "summary" else 64)
+    out = span_attention(q.to(dtype), k.to(dtype), v.to(dtype), torch.tensor([77]), impl=impl, **kw)
+    assert float(out[0, 0, 0].float().mean()) > 0.5  # the needle's value dominates
 
 
 # ------------------------------------------------------------------------------ structural non-exclusion

@@ -4,11 +4,10 @@ Notation (see docs/superlinear.md): a query at absolute position q has t = q + 1
 ps = span_power, b = backward_factor, f = forward_factor, k = num_spans.
 
 - Stripe offsets off(s) = floor(s^(1/p)) (exact integer powers when 1/p is an integer). The query
-  searches stripes s = sw_index + 1 .. floor(t^p), anchor a_s = q - off(s) + 1 = t - off(s). Since t is an
-  integer, s <= t^p  <=>  t >= need(s) = ceil(s^(1/p)), so validity is decided on integers from a table
-  of need(s) (no rounding of t^p); need(s) >= off(s) makes a_s >= 0 automatic.
+  searches the stripes s >= sw_index + 1 with off(s) <= t (the published rule), anchor
+  a_s = q - off(s) + 1 = t - off(s) >= 0. Validity is decided on integers from a table of off(s).
 - Local window W = off(sw_index + 1) - 1 keys [q - W + 1, q] (clamped at 0). A query without a valid
-  stripe (q small) gets plain causal attention: its window is widened to [0, q].
+  stripe (q < W) gets plain causal attention: its window is widened to [0, q].
 - Span of anchor a: [max(0, a - ceil(b t^ps)), min(a + ceil(f t^ps), q, sw_start - 1)] (inclusive).
 - Search: "anchor" scores a span by q_search . K[a]; "summary" by the largest Quest upper bound of q . k
   over the key blocks the span touches. Top-k spans per query head (ties: the smaller stripe first).
@@ -109,21 +108,15 @@ def stripe_offset(s: int, search_power: float) -> int:
     return s ** n if n is not None else math.floor(s ** (1.0 / search_power))
 
 
-def stripe_need(s: int, search_power: float) -> int:
-    """ceil(s^(1/p)): the smallest t = q + 1 with s <= t^p, i.e. for which stripe s is searched."""
-    n = inverse_integer(search_power)
-    return s ** n if n is not None else math.ceil(s ** (1.0 / search_power))
-
-
 @functools.lru_cache(maxsize=64)
-def _stripe_lists(search_power: float, max_t: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    offs, needs = [0], [0]
+def _stripe_offsets(search_power: float, max_t: int) -> tuple[int, ...]:
+    """off(s) for s = 0, 1, ... while off(s) <= max_t (strictly increasing for s >= 1 since 1/p > 1)."""
+    offs = [0]
     s = 1
-    while stripe_need(s, search_power) <= max_t:
+    while stripe_offset(s, search_power) <= max_t:
         offs.append(stripe_offset(s, search_power))
-        needs.append(stripe_need(s, search_power))
         s += 1
-    return tuple(offs), tuple(needs)
+    return tuple(offs)
 
 
 def _bucket(max_t: int) -> int:
@@ -132,17 +125,16 @@ def _bucket(max_t: int) -> int:
 
 
 def stripe_table(search_power: float, max_t: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[2, n] int64: row 0 off(s) = floor(s^(1/p)), row 1 need(s) = ceil(s^(1/p)), for stripes
-    s = 0 .. n-1 with need(s) <= max_t (rounded up to a power of two). Stripe s is valid for t = q + 1
-    iff s >= sw_index + 1 and need(s) <= t (that is s <= t^p; then a_s = t - off(s) >= 0 too)."""
-    offs, needs = _stripe_lists(float(search_power), _bucket(max_t))
-    return torch.tensor([offs, needs], dtype=torch.int64, device=device)
+    """[n] int64 off(s) = floor(s^(1/p)) for stripes s = 0 .. n-1 with off(s) <= max_t (rounded up to a
+    power of two). Stripe s is valid for t = q + 1 iff s >= sw_index + 1 and off(s) <= t: the published
+    rule floor(s^(1/p)) <= q + 1 (so a_s = t - off(s) >= 0)."""
+    return torch.tensor(_stripe_offsets(float(search_power), _bucket(max_t)), dtype=torch.int64, device=device)
 
 
 def num_valid_stripes(t: int, params: SpanParams) -> int:
-    """How many stripes a query with t = q + 1 searches: s = sw_index+1 .. floor(t^p)."""
-    _, needs = _stripe_lists(float(params.search_power), _bucket(t))
-    last = bisect.bisect_right(needs, t) - 1  # ceil(s^(1/p)) strictly increases with s (1/p > 1)
+    """How many stripes a query with t = q + 1 searches: s = sw_index+1, ... while floor(s^(1/p)) <= t."""
+    offs = _stripe_offsets(float(params.search_power), _bucket(t))
+    last = bisect.bisect_right(offs, t) - 1
     return max(0, last - params.sw_index)
 
 
@@ -174,11 +166,10 @@ def span_geometry(positions: torch.Tensor, params: SpanParams, num_stripes: int)
     t = pos + 1
     table = stripe_table(params.search_power, int(t.max()) if t.numel() else 1, pos.device)
     s = torch.arange(params.first_stripe, params.first_stripe + num_stripes, device=pos.device)
-    in_table = s < table.shape[1]
-    s_off = table[0, s.clamp_max(table.shape[1] - 1)]
-    s_need = torch.where(in_table, table[1, s.clamp_max(table.shape[1] - 1)], torch.full_like(s, 1 << 62))
+    in_table = s < table.shape[0]
+    s_off = torch.where(in_table, table[s.clamp_max(table.shape[0] - 1)], torch.full_like(s, 1 << 62))
     anchors = t[:, None] - s_off[None, :]
-    valid = s_need[None, :] <= t[:, None]
+    valid = s_off[None, :] <= t[:, None]
     # A query without any valid stripe gets plain causal attention: its "window" starts at key 0.
     sw_start = torch.where(valid.any(1), (pos - params.window + 1).clamp_min(0), torch.zeros_like(pos))
     back = span_reach(t, params.span_power, params.backward_factor)

@@ -130,7 +130,7 @@ def step_geometry(meta: AttentionMetadata, params: SpanParams, device: torch.dev
     table = _device_table(params.search_power, bucket, device)
     pos = meta.positions.to(torch.int64)
     t = pos + 1
-    n = torch.searchsorted(table[1].contiguous(), t, right=True) - 1 - params.sw_index
+    n = torch.searchsorted(table, t, right=True) - 1 - params.sw_index  # stripes with off(s) <= t
     n = n.clamp_min(0)
     sw_start = torch.where(n > 0, (pos - params.window + 1).clamp_min(0), torch.zeros_like(pos))
     bucket_t = torch.tensor([bucket])
@@ -140,7 +140,7 @@ def step_geometry(meta: AttentionMetadata, params: SpanParams, device: torch.dev
         token_seq=sparse.token_sequences(meta), num_stripes=n.to(torch.int32), sw_start=sw_start,
         back=ref.span_reach(t, params.span_power, params.backward_factor),
         fwd=ref.span_reach(t, params.span_power, params.forward_factor),
-        offsets=table[0].contiguous(), max_stripes=max(1, ref.num_valid_stripes(bucket, params)),
+        offsets=table, max_stripes=max(1, ref.num_valid_stripes(bucket, params)),
         max_span_len=max_back + max_fwd + 1, max_window_len=min(params.window + 1, bucket),
         max_blocks=0)
     meta._superlinear_geometry = (key, geom)  # type: ignore[attr-defined]
