@@ -99,7 +99,7 @@ def test_bad_layers(tmp_path, layers, match):
     (json.dumps(policy(format="longserve-policy/9")), "format 'longserve-policy/9'"),
     (json.dumps(policy(method=3)), "string 'method'"),
     (json.dumps(policy(method="nope")), "unknown attention method 'nope'"),
-    (json.dumps(policy(method="dense")), "a dense plan can only contain 'full' layers"),
+    (json.dumps(policy(method="dense")), "a 'compute' layer needs a sparse method"),
     (json.dumps(policy(params=[1])), "'params' must be an object"),
     (json.dumps(policy(params={"topk_tokens": -5})), "hylra: topk_tokens must be an integer >= 1"),
     (json.dumps(policy(params={"top_k": 5})), "unknown parameter(s) top_k"),
