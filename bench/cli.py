@@ -20,10 +20,6 @@ PRESET_NAMES = ("tiny", "qwen2.5-7b-1m", "llama-3.1-8b")
 DTYPE_NAMES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 
 
-class BenchError(EngineError):
-    """A one-line user-facing failure (bad option, does not fit in memory, server unreachable)."""
-
-
 def parse_size(text: str) -> int:
     """'128K' -> 131072, '1M' -> 1048576, '1.5M', '4096' (K = 1024, M = 1024^2, G = 1024^3)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", text)
@@ -33,14 +29,6 @@ def parse_size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 token")
     return value
-
-
-def format_tokens(n: int) -> str:
-    """1048576 -> '1M', 131072 -> '128K', 1.5 * 2^20 -> '1.5M', 1000 -> '1000'."""
-    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size and n % (size // 16) == 0:
-            return f"{n / size:g}{unit}"
-    return str(n)
 
 
 def _positive_int(text: str) -> int:

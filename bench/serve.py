@@ -443,7 +443,7 @@ def format_report(rep: dict) -> str:
 
 
 def run(args) -> int:
-    from .cli import BenchError
+    from .common import BenchError
 
     try:
         report = asyncio.run(run_benchmark(args))

@@ -41,7 +41,7 @@ from ..engine.llm_engine import resolve_device as engine_resolve_device
 from ..engine.models.decoder import DecoderModel, ModelConfig
 from ..kernels.base import AttentionMetadata, BackendError, LayerCache, StepState
 from ..kernels.registry import METHODS, build_backend
-from .cli import BenchError, format_tokens
+from .common import BenchError, format_tokens
 from .presets import PRESETS, preset_config, random_model, weight_count
 
 GiB = 1 << 30

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from longserve.bench import throughput as tp
-from longserve.bench.cli import format_tokens, parse_size
+from longserve.bench.cli import parse_size
+from longserve.bench.common import format_tokens
 from longserve.bench.presets import PRESETS, preset_config, random_model, weight_count
 from longserve.kernels.base import AttentionMetadata, StepState
 from longserve.kernels.registry import METHODS

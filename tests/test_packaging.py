@@ -69,3 +69,51 @@ def test_kernels_import_no_server_or_engine_packages():
         for path in (ROOT / top).rglob("*.py"):
             for name in _imports(path):
                 assert not name.split(".")[0] in forbidden, f"{path.relative_to(ROOT)} imports {name}"
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """module -> first-party modules it imports anywhere in its body (function-level imports included)."""
+    paths = {_module_name(p): p for top in FOLDERS for p in (ROOT / top).rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    target = package[:len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+                elif node.module and node.module.startswith("longserve."):
+                    target = node.module.split(".")[1:]
+                else:
+                    continue
+                base = ".".join(target)
+                deps |= {m for m in [base, *(f"{base}.{a.name}" for a in node.names)] if m in paths}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.removeprefix("longserve.") for a in node.names} & set(paths)
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _module_graph()
+    assert graph["bench.throughput"], "the import graph reader found nothing"  # guard the reader itself
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycle = path[path.index(module):] + [module]
+            raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
+        if module in done:
+            return
+        for dep in sorted(graph[module]):
+            visit(dep, path + [module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
