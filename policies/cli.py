@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .profiler import ProfileConfig
+from .profile_config import ProfileConfig
 
 
 def _positive_int(text: str) -> int:

@@ -117,3 +117,22 @@ def test_no_import_cycles():
     for module in sorted(graph):
         visit(module, [])
 
+
+def test_cli_help_does_not_import_torch():
+    """`longserve --help` and every subcommand's --help build the parser without importing torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from longserve.server.cli import build_parser\n"
+            "parser = build_parser()\n"
+            "parser.format_help()\n"
+            "for name in ('serve', 'generate', 'bench', 'profile'):\n"
+            "    try:\n"
+            "        parser.parse_args([name, '--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "heavy = sorted(m for m in ('torch', 'numpy', 'triton') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
