@@ -7,12 +7,14 @@ The method, its formulas and its modes are described in docs/superlinear.md.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .base import AttentionMetadata, BackendError, LayerCache, StepState
-from .dense import resolve_impl
+from .base import AttentionMetadata, BackendError, BackendSetup, LayerCache, StepState
+from .dense import DenseBackend, check_impl, resolve_impl
+from .plan import AttentionPlan, LayerPlan
 from .reference import dense as dense_ref
 from .reference import superlinear as ref
 from .reference.superlinear import SpanParams
@@ -107,7 +109,11 @@ def gather_block_bounds(cache: LayerCache, block_table: torch.Tensor, context_le
 class SuperlinearBackend:
     """Span search + span attention over the paged cache. plan.params: the keyword arguments of
     span_attention (sw_index, num_spans, backward_factor, forward_factor, search_power, span_power,
-    combine, search) plus impl; defaults as span_attention except search="summary", combine="union"."""
+    combine, search) plus impl; defaults as span_attention except search="summary", combine="union".
+
+    Per layer the plan says: full = dense; compute = search spans and attend (the selection is left in
+    state.selections[layer]); reuse = attend to the spans and windows layer `source` selected in this forward
+    pass (no search, no bound update)."""
 
     name = "superlinear"
 
@@ -118,29 +124,102 @@ class SuperlinearBackend:
             raise BackendError(f"superlinear: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
         self.impl = impl
         self.params = make_params(raw, BACKEND_DEFAULTS)
+        self.plan = plan if isinstance(plan, AttentionPlan) else None  # None: every layer computes
+        if self.plan is not None:
+            self.plan.validate()
+        self._dense = DenseBackend(impl)
 
     def aux_specs(self, num_kv_heads: int, head_dim: int) -> dict:
         if self.params.search != "summary":
             return {}
         return {"kmin": ((num_kv_heads, head_dim), None), "kmax": ((num_kv_heads, head_dim), None)}
 
-    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
-                meta: AttentionMetadata, state: StepState) -> torch.Tensor:
-        if self.params.search == "summary" and self.params.window + 1 < cache.block_size:
+    def check(self, setup: BackendSetup) -> None:
+        self._dense.check(setup)
+        check_impl("superlinear", self.impl, setup.device)
+        self._check_block_size(setup.block_size)
+
+    def _check_block_size(self, block_size: int) -> None:
+        if self.params.search == "summary" and self.params.window + 1 < block_size:
             # Otherwise the block holding a span's last key could hold keys after the query.
             raise BackendError(f"superlinear: summary search needs a window of at least block_size - 1 = "
-                               f"{cache.block_size - 1} keys (sw_index {self.params.sw_index} gives {self.params.window})")
+                               f"{block_size - 1} keys (sw_index {self.params.sw_index} gives {self.params.window})")
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
+                meta: AttentionMetadata, state: StepState) -> torch.Tensor:
+        """compute: search spans, attend, and leave the selection in state.selections[layer_idx];
+        reuse: attend to the spans (and windows) layer `source` selected in this forward pass, no search."""
+        layer = self.plan.layers[layer_idx] if self.plan is not None else LayerPlan("compute")
+        if layer.mode == "full":
+            return self._dense.forward(layer_idx, q, k, v, cache, meta, state)
+        self._check_block_size(cache.block_size)
+        triton = resolve_impl(self.impl, q.device) == "triton"
+        if triton:
+            from .triton import superlinear as tri
+            from .triton.dense import write_kv
+        else:
+            write_kv = dense_ref.write_kv
+        write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
+        if layer.mode == "reuse":
+            selection = state.selections.get(layer.source)
+            if not isinstance(selection, SpanSelection) or selection.num_tokens != q.shape[0] \
+                    or selection.num_heads != q.shape[1] or (selection.paged is not None) != triton:
+                raise BackendError(f"superlinear: layer {layer_idx} reuses layer {layer.source}'s spans, but that "
+                                   "layer selected none for this step")
+        else:
+            if self.params.search == "summary" and triton:
+                tri.update_block_bounds(cache.k, cache.aux["kmin"], cache.aux["kmax"], meta.slot_mapping)
+            elif self.params.search == "summary":
+                update_block_bounds(cache, meta)
+            selection = self.select(q, cache, meta)
+            state.selections[layer_idx] = selection
+        return self.attend(q, cache, meta, selection)
+
+    def select(self, q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> "SpanSelection":
+        """The span search of every step token over the paged cache (already written, bounds updated)."""
         if resolve_impl(self.impl, q.device) == "triton":
             from .triton import superlinear as tri
 
-            return tri.paged_forward(q, k, v, cache, meta, self.params)
-        dense_ref.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
-        if self.params.search == "summary":
-            update_block_bounds(cache, meta)
-        return paged_reference(q, cache, meta, self.params)
+            return SpanSelection(q.shape[0], q.shape[1], paged=tri.select_spans(q, cache, meta, self.params))
+        per_seq = []
+        for i in range(meta.num_seqs):
+            sl = meta.query_slice(i)
+            ctx = meta.context_lens_cpu[i]
+            table = meta.block_tables[i]
+            bounds = gather_block_bounds(cache, table, ctx) if self.params.search == "summary" else None
+            per_seq.append(ref.paged_span_select(q[sl].transpose(0, 1), cache.k, table, meta.positions[sl],
+                                                 self.params, bounds=bounds))
+        return SpanSelection(q.shape[0], q.shape[1], per_seq=per_seq)
+
+    def attend(self, q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, selection: "SpanSelection"
+               ) -> torch.Tensor:
+        """Span attention of every step token over a selection's spans and windows. [T, Hq, D]."""
+        if selection.paged is not None:
+            from .triton import superlinear as tri
+
+            return tri.paged_attend(q, cache, meta, selection.paged)
+        out = torch.empty_like(q)
+        for i, spans in enumerate(selection.per_seq):
+            sl = meta.query_slice(i)
+            if sl.stop > sl.start:
+                out[sl] = ref.paged_span_attend(q[sl].transpose(0, 1), cache.k, cache.v, meta.block_tables[i],
+                                                meta.positions[sl], spans, self.params.combine).transpose(0, 1)
+        return out
 
     def free_sequence(self, seq_id: int) -> None:
         pass  # no per-sequence state: everything lives in the cache and its aux tables
+
+
+@dataclass
+class SpanSelection:
+    """What a superlinear COMPUTE layer leaves in StepState.selections for its REUSE layers: the selected
+    spans and windows of every step token and query head. The reference path keeps one ref.PagedSpans per
+    sequence of the step, the Triton path the kernels' PagedSelection ([T, Hq, K, 2] key ranges)."""
+
+    num_tokens: int
+    num_heads: int
+    per_seq: list[ref.PagedSpans] | None = None
+    paged: Any = None  # kernels.triton.superlinear.PagedSelection
 
 
 def paged_reference(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, params: SpanParams) -> torch.Tensor:

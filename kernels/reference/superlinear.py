@@ -416,22 +416,23 @@ def attend_gathered(q: torch.Tensor, k: KeyRows, v: KeyRows, positions: torch.Te
     return torch.where(any_span[..., None], out, softmax_out(in_window))
 
 
-def paged_span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                         positions: torch.Tensor, params: SpanParams, *,
-                         bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         q_search: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """One sequence of the paged cache: q [Hq, M, D] at positions [M] -> [Hq, M, D] (q's dtype).
+@dataclass
+class PagedSpans:
+    """One sequence's span selection over the paged cache: (first, end, selection, window starts) per tile
+    of queries [first, end). What a COMPUTE layer hands to its REUSE layers (the tiling depends only on the
+    shapes and parameters, which a reuse layer shares)."""
 
-    Reads only anchors (or the per-block bounds [Hkv, nb, D] for summary search) and the attended keys,
-    never the whole context: the engine's CPU path at long contexts."""
-    hq, m, d = q.shape
+    tiles: list[tuple[int, int, Selection, torch.Tensor]]
+
+
+def paged_span_select(qs: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor,
+                      params: SpanParams, *, bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> PagedSpans:
+    """The span search of one sequence's queries qs [Hq, M, D] at positions [M] over the paged cache (reads
+    the anchors, or the per-block bounds [Hkv, nb, D] for summary search), in tiles of queries."""
+    hq, m, d = qs.shape
     if m == 0:
-        return q.new_empty(hq, 0, d)
-    scale = d ** -0.5 if scale is None else scale
-    qs = q if q_search is None else q_search
+        return PagedSpans([])
     keys = paged_rows(k_cache, block_table)
-    values = paged_rows(v_cache, block_table)
-    out = torch.empty(hq, m, d, dtype=q.dtype, device=q.device)
     t_max = int(positions.max()) + 1
     stripes = max(num_valid_stripes(t_max, params), 1)
     t = torch.tensor([t_max])
@@ -441,13 +442,42 @@ def paged_span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     nb = 0 if bounds is None else bounds[0].shape[1]
     per_query = hq * max(attended * (d + 4), stripes * (d + 8), nb * 24)
     tile = max(1, _MAX_TILE_ELEMENTS // max(1, per_query))
+    tiles = []
     for s in range(0, m, tile):
         e = min(m, s + tile)
         sel, sw_start = select_spans(qs[:, s:e], keys, positions[s:e], params, bounds=bounds,
                                      block_size=k_cache.shape[2])
-        out[:, s:e] = attend_gathered(q[:, s:e], keys, values, positions[s:e], sel, sw_start, params.combine,
+        tiles.append((s, e, sel, sw_start))
+    return PagedSpans(tiles)
+
+
+def paged_span_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                      positions: torch.Tensor, spans: PagedSpans, combine: str, scale: float | None = None
+                      ) -> torch.Tensor:
+    """Attention of one sequence's queries q [Hq, M, D] over the spans and windows of a selection, reading
+    only the attended keys. Returns [Hq, M, D] (q's dtype)."""
+    hq, m, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    keys = paged_rows(k_cache, block_table)
+    values = paged_rows(v_cache, block_table)
+    out = torch.empty(hq, m, d, dtype=q.dtype, device=q.device)
+    for s, e, sel, sw_start in spans.tiles:
+        out[:, s:e] = attend_gathered(q[:, s:e], keys, values, positions[s:e], sel, sw_start, combine,
                                       scale).to(q.dtype)
     return out
+
+
+def paged_span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                         positions: torch.Tensor, params: SpanParams, *,
+                         bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         q_search: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """One sequence of the paged cache: q [Hq, M, D] at positions [M] -> [Hq, M, D] (q's dtype).
+
+    Reads only anchors (or the per-block bounds [Hkv, nb, D] for summary search) and the attended keys,
+    never the whole context: the engine's CPU path at long contexts."""
+    spans = paged_span_select(q if q_search is None else q_search, k_cache, block_table, positions, params,
+                              bounds=bounds)
+    return paged_span_attend(q, k_cache, v_cache, block_table, positions, spans, params.combine, scale)
 
 
 def span_attention_single(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,

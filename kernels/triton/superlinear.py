@@ -397,6 +397,14 @@ def paged_attention(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata,
     check_same_device(q=q, k_cache=cache.k, v_cache=cache.v, positions=meta.positions)
     geom = geom or step_geometry(meta, params, q.device)
     sel = select_spans(q if q_search is None else q_search, cache, meta, params, geom)
+    return paged_attend(q, cache, meta, sel, out=out)
+
+
+def paged_attend(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, sel: PagedSelection, *,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of every step token over a selection's spans and windows (a REUSE layer attends to its
+    source's selection with its own q and cache). [T, Hq, D]."""
+    geom = sel.geometry
     result, _ = sparse.range_attention(q, cache.k, cache.v, meta, sel.ranges, window_start=geom.sw_start,
                                        gate_logits=sel.gates, max_range_len=geom.max_span_len,
                                        max_window_len=geom.max_window_len, token_seq=geom.token_seq, out=out)
