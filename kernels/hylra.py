@@ -18,6 +18,7 @@ Parameters (plan.params):
   prefill_tile  64     query tokens per selection tile in prefill
   score         "mean" block score: "mean" = q . mean key (aux table kmean), "bound" = Quest upper bound
                        sum_d max(q_d kmin_d, q_d kmax_d) (aux tables kmin, kmax)
+  prefill       "sparse" prompt chunks attend sparsely ("sparse") or densely ("dense"; kernels/prefill.py)
 Defaults "mean" and "max" measured best on the default model (docs/policies.md).
 """
 
@@ -30,6 +31,7 @@ import torch
 from .base import AttentionMetadata, BackendError, LayerCache, StepState
 from .dense import DenseBackend, resolve_impl
 from .plan import AttentionPlan
+from .prefill import attend_by_prefill_mode, check_prefill
 from .reference import dense as ref_dense
 from .reference import hylra as ref
 
@@ -41,6 +43,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "head_reduce": "max",
     "prefill_tile": 64,
     "score": "mean",
+    "prefill": "sparse",
 }
 
 # Per-block key summaries each score needs (aux tables [num_blocks, Hkv, D] in the cache dtype).
@@ -72,6 +75,7 @@ def validate_params(params: dict[str, Any] | None) -> dict[str, Any]:
         raise BackendError(f"hylra: head_reduce must be 'max' or 'sum', got {out['head_reduce']!r}")
     if out["score"] not in SUMMARY_TABLES:
         raise BackendError(f"hylra: score must be 'mean' or 'bound', got {out['score']!r}")
+    check_prefill("hylra", out["prefill"])
     return out
 
 
@@ -123,29 +127,33 @@ class HyLRABackend:
         if layer.mode == "full":
             return self._dense.forward(layer_idx, q, k, v, cache, meta, state)
         if resolve_impl(self.impl, q.device) == "triton":
+            from .triton import dense as dense_kern
             from .triton import hylra as kern  # lazily: CPU-only installs never import triton
-            from .triton.dense import write_kv
             try:
                 kern.check_block_size(meta.block_size)
             except ValueError as e:
                 raise BackendError(f"hylra: {e} (or use impl='torch')") from None
         else:
-            kern, write_kv = ref, ref_dense.write_kv
-        write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
+            kern, dense_kern = ref, ref_dense
+        dense_kern.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
         kern.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
 
-        if layer.mode == "compute":
-            selection = kern.select(q, cache.aux, meta, **self._selection_params())
-            state.selections[layer_idx] = selection
-        else:
-            selection = state.selections.get(layer.source)
-            if not isinstance(selection, ref.HyLRASelection):
-                raise BackendError(f"hylra: layer {layer_idx} reuses layer {layer.source}'s selection, but that "
-                                   "layer made none in this forward pass")
-            if selection.per_head and selection.blocks.shape[1] != q.shape[1]:
-                raise BackendError(f"hylra: layer {layer_idx} has {q.shape[1]} query heads but its source "
-                                   f"selected for {selection.blocks.shape[1]}")
-        return kern.attend(q, cache.k, cache.v, meta, selection)
+        def sparse(qs: torch.Tensor, m: AttentionMetadata) -> torch.Tensor:
+            if layer.mode == "compute":
+                selection = kern.select(qs, cache.aux, m, **self._selection_params())
+                state.selections[layer_idx] = selection
+            else:
+                selection = state.selections.get(layer.source)
+                if not isinstance(selection, ref.HyLRASelection):
+                    raise BackendError(f"hylra: layer {layer_idx} reuses layer {layer.source}'s selection, but "
+                                       "that layer made none in this forward pass")
+                if selection.per_head and selection.blocks.shape[1] != qs.shape[1]:
+                    raise BackendError(f"hylra: layer {layer_idx} has {qs.shape[1]} query heads but its source "
+                                       f"selected for {selection.blocks.shape[1]}")
+            return kern.attend(qs, cache.k, cache.v, m, selection)
+
+        return attend_by_prefill_mode(self.params["prefill"], q, meta, sparse,
+                                      lambda qs, m: dense_kern.paged_attention(qs, cache.k, cache.v, m))
 
     def free_sequence(self, seq_id: int) -> None:
         pass  # no per-sequence state: the aux tables live with the cache blocks

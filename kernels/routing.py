@@ -20,6 +20,7 @@ Parameters (plan.params):
   sink_tokens           16     first keys always attended (< segment_tokens)
   window                1024   recent keys always attended, counting the query itself (>= 1)
   prefill_tile          64     query tokens per routing tile in prefill
+  prefill               "sparse"  prompt chunks attend sparsely ("sparse") or densely ("dense"; kernels/prefill.py)
 
 State: one ClusterTable per (sequence, compute layer) in host memory of this object, on the cache's device;
 freed by free_sequence. Tables are rebuilt from the cache when a sequence arrives with keys already written
@@ -37,6 +38,7 @@ import torch
 from .base import AttentionMetadata, BackendError, LayerCache, StepState
 from .dense import DenseBackend, resolve_impl
 from .plan import AttentionPlan
+from .prefill import attend_by_prefill_mode, check_prefill
 from .reference import dense as ref_dense
 from .reference import routing as ref
 
@@ -51,6 +53,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "sink_tokens": 16,
     "window": 1024,
     "prefill_tile": 64,
+    "prefill": "sparse",
 }
 
 
@@ -92,6 +95,7 @@ def validate_params(params: dict[str, Any] | None) -> dict[str, Any]:
         raise BackendError(f"routing: sink_tokens ({sink}) must be below segment_tokens ({seg})")
     _int_param(out, "window", 1)
     _int_param(out, "prefill_tile", 1)
+    check_prefill("routing", out["prefill"])
     return out
 
 
@@ -147,24 +151,26 @@ class RoutingBackend:
         if layer.mode == "full":
             return self._dense.forward(layer_idx, q, k, v, cache, meta, state)
         if resolve_impl(self.impl, q.device) == "triton":
-            from .triton import dense as tri_dense  # lazily: CPU-only installs never import triton
+            from .triton import dense as dense_kern  # lazily: CPU-only installs never import triton
             from .triton import routing as kern
-            tri_dense.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
         else:
-            kern = None
-            ref_dense.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
-        if layer.mode == "compute":
-            selection = self.select(layer_idx, q, cache, meta, ops=kern or ref.REFERENCE_OPS)
-            state.selections[layer_idx] = selection
-        else:
-            selection = state.selections.get(layer.source)
-            if not isinstance(selection, ref.RoutingSelection) or \
-                    sum(t.q_len for t in selection.tiles) != q.shape[0]:
-                raise BackendError(f"routing: layer {layer_idx} reuses layer {layer.source}'s selection, but that "
-                                   "layer routed none for this step")
-        if kern is not None:
-            return kern.attend(q, cache.k, cache.v, meta.block_tables, selection)
-        return ref.attend(q, cache.k, cache.v, meta.block_tables, selection)
+            kern, dense_kern = None, ref_dense
+        dense_kern.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
+
+        def sparse(qs: torch.Tensor, m: AttentionMetadata) -> torch.Tensor:
+            if layer.mode == "compute":
+                selection = self.select(layer_idx, qs, cache, m, ops=kern or ref.REFERENCE_OPS)
+                state.selections[layer_idx] = selection
+            else:
+                selection = state.selections.get(layer.source)
+                if not isinstance(selection, ref.RoutingSelection) or \
+                        sum(t.q_len for t in selection.tiles) != qs.shape[0]:
+                    raise BackendError(f"routing: layer {layer_idx} reuses layer {layer.source}'s selection, but "
+                                       "that layer routed none for this step")
+            return (kern or ref).attend(qs, cache.k, cache.v, m.block_tables, selection)
+
+        return attend_by_prefill_mode(self.params["prefill"], q, meta, sparse,
+                                      lambda qs, m: dense_kern.paged_attention(qs, cache.k, cache.v, m))
 
     def select(self, layer_idx: int, q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata,
                ops=ref.REFERENCE_OPS) -> ref.RoutingSelection:
