@@ -59,15 +59,17 @@ class AsyncEngine:
         self.engine.validate_request(prompt_token_ids, params)  # reads only immutable engine settings
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, validated: bool = False) -> AsyncIterator[RequestOutput]:
         """Yield RequestOutput snapshots (full text so far) until the request finishes.
 
-        Cancelling the consumer (client disconnect) aborts the request and frees its blocks."""
+        validated=True: the caller ran validate() on these arguments (the engine thread trusts this call's
+        check either way). Cancelling the consumer (client disconnect) aborts the request and frees its blocks."""
         if self.dead is not None:
             raise EngineError(f"the engine has stopped: {self.dead}")
         if len(self._streams) >= self.config.max_waiting + self.config.max_num_seqs:
             raise CapacityError(f"the server is at capacity ({len(self._streams)} requests queued); retry later")
-        self.validate(prompt_token_ids, params)
+        if not validated:
+            self.validate(prompt_token_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -114,7 +116,7 @@ class AsyncEngine:
             if request_id not in self._streams:  # cancelled before the engine saw it
                 return
             try:
-                self.engine.add_request(prompt, params, request_id)
+                self.engine.add_request(prompt, params, request_id, validated=True)
             except Exception as e:
                 self._deliver(request_id, _Failed(e))
         elif kind == "abort":

@@ -60,7 +60,7 @@ class LLM:
         encoded = [self._encode(p) for p in prompts]
         for token_ids, sp in zip(encoded, params_list):  # refuse the batch before anything is queued
             self.engine.validate_request(token_ids, sp)
-        return self._run([self.engine.add_request(t, sp) for t, sp in zip(encoded, params_list)])
+        return self._run([self.engine.add_request(t, sp, validated=True) for t, sp in zip(encoded, params_list)])
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None) -> list[RequestOutput]:

@@ -9,9 +9,10 @@ import itertools
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ..kernels.base import BackendError
+from ..kernels.base import BackendError, BackendSetup
 from ..kernels.plan import AttentionPlan
 from ..kernels.registry import build_backend
 from .block_manager import BlockManager
@@ -24,6 +25,7 @@ from .sampler import Sampler, SamplingRow, make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import CompletionOutput, Request, RequestOutput, Sequence, SeqStatus
+from .structured_output import GrammarCache
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -65,8 +67,8 @@ class LLMEngine:
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = config.model or "smollm2-135m-instruct"
-        self.backend = self._build_backend()
         block_size = config.block_size or (64 if self.device.type == "cuda" else 16)
+        self.backend = self._build_backend(block_size)
         self.runner = ModelRunner(loaded.model, loaded.config, self.backend, self.device, self.dtype, block_size,
                                   config.num_kv_blocks, config.kv_cache_memory_gb, config.gpu_memory_utilization)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, block_size, config.enable_prefix_caching)
@@ -78,28 +80,38 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids or [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
-    def _build_backend(self):
-        c = self.config
+    def _build_backend(self, block_size: int):
+        """The attention backend, checked against the model, block size, dtype and device: a setting it cannot
+        serve fails here, at start-up, not in the first step."""
+        c, m = self.config, self.model_config
         try:
             if c.policy:
                 plan = AttentionPlan.load(c.policy)
-                plan.check_model(self.model_config.model_info())
-                return build_backend(plan=plan, params=c.attention_config, impl=c.attention_impl)
-            return build_backend(c.attention, self.model_config.num_layers, c.attention_config, impl=c.attention_impl)
+                plan.check_model(m.model_info())
+                backend = build_backend(plan=plan, params=c.attention_config, impl=c.attention_impl)
+            else:
+                backend = build_backend(c.attention, m.num_layers, c.attention_config, impl=c.attention_impl)
+            backend.check(BackendSetup(m.num_heads, m.num_kv_heads, m.head_dim, block_size, self.dtype, self.device))
         except BackendError as e:
             raise EngineError(str(e)) from None
+        return backend
 
     # -- requests -------------------------------------------------------------------------------------------
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise RequestError for a request that can never run; nothing is allocated."""
+        """Raise RequestError for a request that can never run; nothing is allocated.
+
+        The one check of a request: callers that ran it (LLM.generate, the server) pass validated=True to
+        add_request / AsyncEngine.generate so a 1M-token prompt is not checked again."""
         n = len(prompt_token_ids)
         if n == 0:
             raise RequestError("the prompt is empty", param="prompt")
         vocab = self.model_config.vocab_size
-        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_token_ids):
+        ids = np.asarray(prompt_token_ids)  # one vectorised range check instead of a Python loop per token
+        if ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= vocab:
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         if n >= self.max_model_len:
             raise RequestError(
@@ -118,9 +130,17 @@ class LLMEngine:
                 param="max_tokens", code="context_length_exceeded")
         if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
             raise RequestError(f"stop_token_ids must be below the vocabulary size {vocab}", param="stop_token_ids")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise RequestError(f"logit_bias keys must be token ids below the vocabulary size {vocab}",
+                               param="logit_bias")
+        if params.structured_output is not None:
+            self.grammars.compile(params.structured_output)  # cached: add_request finds it compiled
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        self.validate_request(prompt_token_ids, params)
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    validated: bool = False) -> str:
+        """Queue a request. validated=True: the caller ran validate_request on these arguments already."""
+        if not validated:
+            self.validate_request(prompt_token_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
@@ -130,6 +150,8 @@ class LLMEngine:
             seq.generator = make_generator(seed, seq.index, self.device) if seed is not None else None
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+            if params.structured_output is not None:
+                seq.grammar = self.grammars.matcher(params.structured_output)
             self.scheduler.add(seq)
         self.requests[request_id] = request
         return request_id
@@ -180,7 +202,8 @@ class LLMEngine:
         if sampled:
             rows = [SamplingRow(params=s.seq.request.params, generator=s.seq.generator,
                                 prompt_token_ids=s.seq.request.prompt_token_ids,
-                                output_token_ids=s.seq.output_token_ids, eos_token_ids=self.eos_token_ids)
+                                output_token_ids=s.seq.output_token_ids, eos_token_ids=self.eos_token_ids,
+                                grammar=s.seq.grammar)
                     for s in sampled]
             result = self.sampler(logits, rows)
             for j, item in enumerate(sampled):
@@ -205,6 +228,9 @@ class LLMEngine:
             metrics.first_token_time = now
         metrics.last_token_time = now
         n_out = seq.num_output_tokens
+        if seq.grammar is not None and (not seq.grammar.accept(token) or seq.grammar.is_terminated):
+            # The grammar ended with its stop token (its text is never shown), also under ignore_eos.
+            return self._finish(seq, "stop", token if token in params.stop_token_ids else None)
         if n_out >= params.min_tokens:
             # A stop token ends the output without its own text appearing in it.
             if not params.ignore_eos and token in self.eos_token_ids:

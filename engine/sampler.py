@@ -8,16 +8,19 @@ from their own generator (so a seeded row's sample never depends on which other 
 Order of operations (as in vLLM):
   1. repetition penalty over prompt + output tokens (positive logits divided, negative ones multiplied),
   2. frequency and presence penalties over output tokens,
-  3. min_tokens: EOS and stop_token_ids set to -inf while fewer than min_tokens tokens were produced,
-  4. logprobs = log_softmax of these penalised logits (see "Logprobs" below),
-  5. temperature (temperature == 0: greedy argmax of the penalised logits, exactly deterministic),
-  6. top-k, then top-p over the top-k survivors, then min-p,
-  7. sample from softmax of what is left.
+  3. min_tokens: EOS and stop_token_ids set to -inf while fewer than min_tokens tokens were produced (not for
+     rows under a grammar: the grammar decides when their output ends),
+  4. logit_bias added (one scatter for the batch), then the grammar masks of constrained rows (forbidden tokens
+     to -inf, one batched call; see structured_output.py),
+  5. logprobs = log_softmax of these adjusted logits (see "Logprobs" below),
+  6. temperature (temperature == 0: greedy argmax of the adjusted logits, exactly deterministic),
+  7. top-k, then top-p over the top-k survivors, then min-p,
+  8. sample from softmax of what is left.
 
-Logprobs: reported from the penalised logits *before* temperature and truncation. They describe the
+Logprobs: reported from the adjusted logits (penalties, logit_bias, grammar) *before* temperature and truncation. They describe the
 model's distribution as adjusted by the request's penalties (the tokens the request may emit), independent
 of how sharply it was sampled; this is what OpenAI-style clients expect from ``logprobs`` and it keeps a
-greedy request's logprobs equal to a sampled one's. Tokens suppressed by min_tokens get -inf.
+greedy request's logprobs equal to a sampled one's. Tokens suppressed by min_tokens or a grammar get -inf.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .sampling_params import SamplingParams
+from .structured_output import GrammarState, apply_grammar_masks
 
 _MASK64 = (1 << 64) - 1
 
@@ -66,9 +70,12 @@ class SamplingRow:
     # Optional cached LongTensor of prompt ids on the logits' device, so a long prompt is not converted from a
     # Python list on every step when repetition_penalty != 1 (the engine may build it once per sequence).
     prompt_token_tensor: torch.Tensor | None = None
+    grammar: GrammarState | None = None  # the sequence's grammar state when its output is constrained
 
     @property
     def suppress_stop_tokens(self) -> bool:
+        if self.grammar is not None:
+            return False
         if self.below_min_tokens is not None:
             return self.below_min_tokens
         return len(self.output_token_ids) < self.params.min_tokens
@@ -103,6 +110,8 @@ class Sampler:
 
         self._apply_penalties(logits, rows)
         self._suppress_stop_tokens(logits, rows)
+        self._apply_logit_bias(logits, rows)
+        apply_grammar_masks(logits, [(i, row.grammar) for i, row in enumerate(rows) if row.grammar is not None])
         logprobs = torch.log_softmax(logits, dim=-1)
 
         tokens = logits.argmax(dim=-1)  # greedy rows keep this (first maximum on ties: deterministic)
@@ -186,6 +195,23 @@ class Sampler:
         if row_index:
             device = logits.device
             logits[torch.tensor(row_index, device=device), torch.tensor(token_index, device=device)] = float("-inf")
+
+    @staticmethod
+    def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+        biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
+        if not biased:
+            return
+        tokens, biases, row_index = [], [], []
+        for i in biased:
+            ids, values = rows[i].params.logit_bias_tensors
+            tokens.append(ids)
+            biases.append(values)
+            row_index.append(torch.full_like(ids, i))
+        tokens, biases, row_index = torch.cat(tokens), torch.cat(biases), torch.cat(row_index)
+        inside = tokens < logits.shape[1]  # ids the model head lacks (checked by the engine) are ignored here
+        device = logits.device
+        logits.index_put_((row_index[inside].to(device), tokens[inside].to(device)), biases[inside].to(device),
+                          accumulate=True)
 
     # ----- sampling ------------------------------------------------------------------------------------
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
 
 from .errors import RequestError
+from .structured_output import StructuredOutput
+
+LOGIT_BIAS_MAX = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 
 
 @dataclass
@@ -27,6 +34,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    structured_output: StructuredOutput | None = None  # the output must match this grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -78,3 +87,16 @@ class SamplingParams:
             raise bad("stop", f"allows at most 16 strings, got {len(self.stop)}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise bad("logit_bias", f"keys must be token ids (non-negative integers), got {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias) \
+                    or abs(bias) > LOGIT_BIAS_MAX:
+                raise bad("logit_bias", f"values must be numbers in [-100, 100], got {bias!r} for token {token}")
+
+    @cached_property
+    def logit_bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids, biases) of logit_bias as CPU tensors, built once per request."""
+        items = sorted((self.logit_bias or {}).items())
+        return (torch.tensor([t for t, _ in items], dtype=torch.long),
+                torch.tensor([float(b) for _, b in items], dtype=torch.float32))

@@ -37,6 +37,7 @@ class Sequence:
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self.generator: Any = None  # torch.Generator for seeded sampling, created by the engine
         self.detokenizer: Any = None
+        self.grammar: Any = None  # GrammarState when the output is constrained, created by the engine
 
     @property
     def output_token_ids(self) -> list[int]:
