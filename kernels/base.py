@@ -101,6 +101,19 @@ class StepState:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class BackendSetup:
+    """What the engine knows once the model is loaded and before anything runs: each backend checks it
+    (`check`) so that a setting it cannot serve fails at start-up, never inside a step."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+
 class AttentionBackend(Protocol):
     """One attention method. The engine owns one backend per step; the plan says which layer runs what."""
 
@@ -112,6 +125,11 @@ class AttentionBackend(Protocol):
         Maps a name to (shape after the leading num_blocks dim, dtype or None for the cache dtype).
         The engine allocates them with the cache and counts them in the KV memory budget.
         """
+        ...
+
+    def check(self, setup: BackendSetup) -> None:
+        """Raise BackendError (one line) for a model shape, block size, dtype, device or implementation this
+        backend cannot run; called once when the engine is built."""
         ...
 
     def forward(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
-from .base import AttentionMetadata, LayerCache, StepState
+from .base import AttentionMetadata, BackendError, BackendSetup, LayerCache, StepState
 from .reference import dense as ref
 
 
@@ -17,6 +20,21 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
+def check_impl(method: str, impl: str, device: torch.device) -> str:
+    """The implementation `impl` resolves to on `device`; BackendError when it cannot run there (no CUDA for
+    Triton, Triton not installed). The Triton interpreter (TRITON_INTERPRET=1) runs Triton on the CPU."""
+    if impl not in ("auto", "torch", "triton"):
+        raise BackendError(f"{method}: impl must be 'auto', 'torch' or 'triton', not {impl!r}")
+    resolved = resolve_impl(impl, device)
+    if resolved == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendError(f"{method}: impl 'triton' needs a CUDA device but the engine runs on {device.type} "
+                               "(use impl 'auto' or 'torch')")
+        if importlib.util.find_spec("triton") is None:
+            raise BackendError(f"{method}: impl 'triton' needs the triton package, which is not installed")
+    return resolved
+
+
 class DenseBackend:
     name = "dense"
 
@@ -25,6 +43,15 @@ class DenseBackend:
 
     def aux_specs(self, num_kv_heads: int, head_dim: int) -> dict:
         return {}
+
+    def check(self, setup: BackendSetup) -> None:
+        if check_impl("dense", self.impl, setup.device) == "triton":
+            from .triton import dense as tri
+
+            try:
+                tri.check_head_dim(setup.head_dim)
+            except ValueError as e:
+                raise BackendError(f"dense: {e} for the Triton kernels (use impl 'torch')") from None
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
                 meta: AttentionMetadata, state: StepState) -> torch.Tensor:

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from .base import AttentionMetadata, BackendError, LayerCache, StepState
-from .dense import DenseBackend, resolve_impl
+from .base import AttentionMetadata, BackendError, BackendSetup, LayerCache, StepState
+from .dense import DenseBackend, check_impl, resolve_impl
 from .plan import AttentionPlan
 from .prefill import attend_by_prefill_mode, check_prefill
 from .reference import dense as ref_dense
@@ -95,6 +95,15 @@ class HyLRABackend:
         # Per block and KV head: the mean key ("mean") or the elementwise min and max of the keys ("bound"),
         # in the cache dtype (min/max exact; the mean computed in float32, rounded once).
         return {name: ((num_kv_heads, head_dim), None) for name in SUMMARY_TABLES[self.params["score"]]}
+
+    def check(self, setup: BackendSetup) -> None:
+        if check_impl("hylra", self.impl, setup.device) == "triton":
+            from .triton import hylra as kern
+
+            try:
+                kern.check_block_size(setup.block_size)
+            except ValueError as e:
+                raise BackendError(f"hylra: {e} (or use impl='torch')") from None
 
     def prepare_synthetic(self, layer_idx: int, cache: LayerCache, num_blocks: int) -> None:
         """Rebuild the summaries of blocks [0, num_blocks) written directly into the cache, all full (benches)."""

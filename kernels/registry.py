@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .base import AttentionMetadata, BackendError, LayerCache, StepState
+from .base import AttentionMetadata, BackendError, BackendSetup, LayerCache, StepState
 from .dense import DenseBackend
 from .plan import METHODS as METHOD_NAMES
 from .plan import AttentionPlan
@@ -68,6 +68,13 @@ class PlannedBackend:
                 specs.setdefault(table, spec)
                 owner.setdefault(table, name)
         return specs
+
+    def check(self, setup: BackendSetup) -> None:
+        """Every backend of the plan checks the engine's model shape, block size, dtype, device and
+        implementation (BackendError, one line): called when the engine is built, before any step."""
+        self.dense.check(setup)
+        for backend in self.methods.values():
+            backend.check(setup)
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
                 meta: AttentionMetadata, state: StepState) -> torch.Tensor:

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from .base import AttentionMetadata, BackendError, LayerCache, StepState
-from .dense import DenseBackend, resolve_impl
+from .base import AttentionMetadata, BackendError, BackendSetup, LayerCache, StepState
+from .dense import DenseBackend, check_impl, resolve_impl
 from .plan import AttentionPlan
 from .prefill import attend_by_prefill_mode, check_prefill
 from .reference import dense as ref_dense
@@ -114,6 +114,9 @@ class RoutingBackend:
 
     def aux_specs(self, num_kv_heads: int, head_dim: int) -> dict:
         return {}
+
+    def check(self, setup: BackendSetup) -> None:
+        check_impl("routing", self.impl, setup.device)
 
     # -- per-sequence state ---------------------------------------------------------------------------------
     def free_sequence(self, seq_id: int) -> None:

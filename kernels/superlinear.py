@@ -135,7 +135,6 @@ class SuperlinearBackend:
         return {"kmin": ((num_kv_heads, head_dim), None), "kmax": ((num_kv_heads, head_dim), None)}
 
     def check(self, setup: BackendSetup) -> None:
-        self._dense.check(setup)
         check_impl("superlinear", self.impl, setup.device)
         self._check_block_size(setup.block_size)
 

@@ -53,6 +53,11 @@ _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 256
 
 
+def check_head_dim(head_dim: int) -> None:
+    if head_dim > _MAX_HEAD_DIM or head_dim < 16:
+        raise ValueError(f"head_dim must be between 16 and {_MAX_HEAD_DIM}, got {head_dim}")
+
+
 @dataclass(frozen=True)
 class DenseKernelConfig:
     """Tile sizes and launch parameters. ``default_config`` picks them; tests and the GPU suite may override."""
@@ -443,8 +448,7 @@ def _validate(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     kv_heads = k_cache.shape[1]
     if k_cache.shape[3] != head_dim:
         raise ValueError(f"q head_dim {head_dim} differs from the cache's {k_cache.shape[3]}")
-    if head_dim > _MAX_HEAD_DIM or head_dim < 16:
-        raise ValueError(f"head_dim must be between 16 and {_MAX_HEAD_DIM}, got {head_dim}")
+    check_head_dim(head_dim)
     if q_heads % kv_heads:
         raise ValueError(f"query heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
     if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
