@@ -12,15 +12,19 @@ import itertools
 import logging
 import queue
 import threading
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from .config import EngineConfig
-from .errors import CapacityError, EngineError
+from .errors import CapacityError, EngineError, StepError
 from .llm_engine import EngineStats, LLMEngine
 from .sampling_params import SamplingParams
 from .sequence import RequestOutput
 
 log = logging.getLogger("longserve.engine")
+
+# A failed step fails only its requests; this many failed steps in a row mean the engine itself is broken (a
+# lost device, a kernel that always fails): the thread stops so that the server exits and is restarted.
+MAX_FAILED_STEPS_IN_A_ROW = 3
 
 
 class _Failed:
@@ -43,6 +47,8 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self.dead: BaseException | None = None  # set if the engine thread crashed
+        self._death_callbacks: list[Callable[[], None]] = []
+        self._death_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="longserve-engine", daemon=True)
         self._thread.start()
 
@@ -94,6 +100,15 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def on_death(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the engine thread has stopped on an error (the server exits non-zero then); at
+        once if it already has. Runs on the engine thread."""
+        with self._death_lock:
+            if self.dead is None:
+                self._death_callbacks.append(callback)
+                return
+        callback()
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._commands.put(("wake",))
@@ -123,6 +138,7 @@ class AsyncEngine:
             self.engine.abort(command[1])
 
     def _loop(self) -> None:
+        failed_steps = 0
         try:
             while not self._stop.is_set():
                 block = not self.engine.has_unfinished()
@@ -134,14 +150,30 @@ class AsyncEngine:
                 except queue.Empty:
                     pass
                 if self.engine.has_unfinished():
-                    for out in self.engine.step():
+                    try:
+                        outputs = self.engine.step()
+                        failed_steps = 0
+                    except StepError as e:  # its requests were aborted; the others go on
+                        failed_steps += 1
+                        log.error("engine step failed (%d in a row); its requests fail", failed_steps,
+                                  exc_info=e.__cause__)
+                        for request_id in e.request_ids:
+                            self._deliver(request_id, _Failed(EngineError("internal engine error")))
+                        if failed_steps >= MAX_FAILED_STEPS_IN_A_ROW:
+                            raise
+                        outputs = []
+                    for out in outputs:
                         self._deliver(out.request_id, out)
                 self._stats = self.engine.stats()
         except BaseException as e:  # a crash fails every request instead of hanging them
             log.exception("engine thread crashed")
-            self.dead = e
+            with self._death_lock:
+                self.dead = e
+                callbacks = list(self._death_callbacks)
             for request_id in list(self._streams):
                 self._deliver(request_id, _Failed(EngineError("internal engine error")))
+            for callback in callbacks:
+                callback()
         finally:
             for request_id in list(self.engine.requests):
                 self.engine.abort(request_id)

@@ -22,3 +22,12 @@ class RequestError(EngineError, ValueError):
 
 class CapacityError(EngineError):
     """The engine cannot take more work right now (waiting queue full)."""
+
+
+class StepError(EngineError):
+    """One engine step failed. The requests it ran (request_ids) have been aborted, their blocks returned; the
+    engine itself goes on serving the others."""
+
+    def __init__(self, message: str, request_ids: list[str]):
+        super().__init__(message)
+        self.request_ids = request_ids

@@ -18,7 +18,7 @@ from ..kernels.registry import build_backend
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import EngineError, RequestError
+from .errors import EngineError, RequestError, StepError
 from .loader import load_model
 from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingRow, make_generator
@@ -188,10 +188,22 @@ class LLMEngine:
         seq.stop_reason = stop_reason
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return outputs of the requests that produced tokens or finished."""
+        """Run one scheduler step; return outputs of the requests that produced tokens or finished.
+
+        A step that raises fails only its own requests: they are aborted (blocks and backend state returned)
+        and StepError names them; the engine stays usable for the others."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        try:
+            return self._run_step(scheduled)
+        except Exception as e:
+            request_ids = list(dict.fromkeys(item.seq.request.request_id for item in scheduled))
+            for request_id in request_ids:
+                self.abort(request_id)
+            raise StepError(f"internal error in an engine step: {type(e).__name__}: {e}", request_ids) from e
+
+    def _run_step(self, scheduled: list) -> list[RequestOutput]:
         logits = self.runner.execute(scheduled)
         now = time.monotonic()
         sampled = [s for s in scheduled if s.samples]

@@ -724,9 +724,13 @@ def run(args) -> int:
         config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level,
                                 timeout_graceful_shutdown=args.shutdown_timeout + 5, access_log=level <= logging.DEBUG)
         server = _server_class()(config, state, args.shutdown_timeout)
+        # A dead engine thread stops the server, which then exits non-zero so that a supervisor restarts it.
+        engine.on_death(lambda: setattr(server, "should_exit", True))
         server.run()
         if not server.started:
             raise EngineError(f"could not listen on {host}:{port} (see the log above)")
+        if engine.dead is not None:
+            raise EngineError(f"the engine stopped ({type(engine.dead).__name__}: {engine.dead}); see the log above")
     finally:
         engine.shutdown()
     return 0
