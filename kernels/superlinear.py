@@ -14,6 +14,7 @@ import torch
 
 from .base import AttentionMetadata, BackendError, BackendSetup, LayerCache, StepState
 from .dense import DenseBackend, check_impl, resolve_impl
+from .prefill import attend_by_prefill_mode, check_prefill
 from .plan import AttentionPlan, LayerPlan
 from .reference import dense as dense_ref
 from .reference import superlinear as ref
@@ -22,6 +23,7 @@ from .reference.superlinear import SpanParams
 # The engine's defaults for ordinary checkpoints (no trained search projection): summary search finds a
 # strong key anywhere in a span; union merges spans and window exactly.
 BACKEND_DEFAULTS = {"search": "summary", "combine": "union"}
+PREFILL_DEFAULT = "sparse"  # how prompt chunks attend: "sparse" or "dense" (kernels/prefill.py)
 
 
 def make_params(values: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> SpanParams:
@@ -30,7 +32,7 @@ def make_params(values: dict[str, Any] | None = None, defaults: dict[str, Any] |
     unknown = sorted(set(values) - set(SpanParams.names()))
     if unknown:
         raise BackendError(f"superlinear: unknown parameter {unknown[0]!r} "
-                           f"(expected some of {', '.join(SpanParams.names())}, impl)")
+                           f"(expected some of {', '.join(SpanParams.names())}, prefill, impl)")
     return SpanParams(**{**(defaults or {}), **values})
 
 
@@ -109,7 +111,8 @@ def gather_block_bounds(cache: LayerCache, block_table: torch.Tensor, context_le
 class SuperlinearBackend:
     """Span search + span attention over the paged cache. plan.params: the keyword arguments of
     span_attention (sw_index, num_spans, backward_factor, forward_factor, search_power, span_power,
-    combine, search) plus impl; defaults as span_attention except search="summary", combine="union".
+    combine, search) plus prefill ("sparse" or "dense", kernels/prefill.py) and impl; defaults as
+    span_attention except search="summary", combine="union".
 
     Per layer the plan says: full = dense; compute = search spans and attend (the selection is left in
     state.selections[layer]); reuse = attend to the spans and windows layer `source` selected in this forward
@@ -123,6 +126,7 @@ class SuperlinearBackend:
         if impl not in ("auto", "torch", "triton"):
             raise BackendError(f"superlinear: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
         self.impl = impl
+        self.prefill = check_prefill("superlinear", raw.pop("prefill", PREFILL_DEFAULT))
         self.params = make_params(raw, BACKEND_DEFAULTS)
         self.plan = plan if isinstance(plan, AttentionPlan) else None  # None: every layer computes
         if self.plan is not None:
@@ -154,25 +158,31 @@ class SuperlinearBackend:
         self._check_block_size(cache.block_size)
         triton = resolve_impl(self.impl, q.device) == "triton"
         if triton:
+            from .triton import dense as dense_kern
             from .triton import superlinear as tri
-            from .triton.dense import write_kv
         else:
-            write_kv = dense_ref.write_kv
-        write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
-        if layer.mode == "reuse":
-            selection = state.selections.get(layer.source)
-            if not isinstance(selection, SpanSelection) or selection.num_tokens != q.shape[0] \
-                    or selection.num_heads != q.shape[1] or (selection.paged is not None) != triton:
-                raise BackendError(f"superlinear: layer {layer_idx} reuses layer {layer.source}'s spans, but that "
-                                   "layer selected none for this step")
-        else:
-            if self.params.search == "summary" and triton:
+            dense_kern = dense_ref
+        dense_kern.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
+        if layer.mode == "compute" and self.params.search == "summary":
+            if triton:
                 tri.update_block_bounds(cache.k, cache.aux["kmin"], cache.aux["kmax"], meta.slot_mapping)
-            elif self.params.search == "summary":
+            else:
                 update_block_bounds(cache, meta)
-            selection = self.select(q, cache, meta)
-            state.selections[layer_idx] = selection
-        return self.attend(q, cache, meta, selection)
+
+        def sparse(qs: torch.Tensor, m: AttentionMetadata) -> torch.Tensor:
+            if layer.mode == "reuse":
+                selection = state.selections.get(layer.source)
+                if not isinstance(selection, SpanSelection) or selection.num_tokens != qs.shape[0] \
+                        or selection.num_heads != qs.shape[1] or (selection.paged is not None) != triton:
+                    raise BackendError(f"superlinear: layer {layer_idx} reuses layer {layer.source}'s spans, but "
+                                       "that layer selected none for this step")
+            else:
+                selection = self.select(qs, cache, m)
+                state.selections[layer_idx] = selection
+            return self.attend(qs, cache, m, selection)
+
+        return attend_by_prefill_mode(self.prefill, q, meta, sparse,
+                                      lambda qs, m: dense_kern.paged_attention(qs, cache.k, cache.v, m))
 
     def select(self, q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> "SpanSelection":
         """The span search of every step token over the paged cache (already written, bounds updated)."""
