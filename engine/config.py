@@ -27,7 +27,7 @@ class EngineConfig:
     max_waiting: int = 1024  # bound of the waiting queue (the server answers 503 past it)
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (GPU only)
-    seed: int = 0
+    seed: int = 0  # seeds the sampling of requests without a seed of their own
 
     def __post_init__(self) -> None:
         checks = [
@@ -101,7 +101,8 @@ def add_engine_arguments(parser) -> None:
                    help="requests allowed to wait; past it the server answers 503")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached prompt prefixes")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on GPU")
-    g.add_argument("--seed", type=int, default=0, help="engine seed (per-request seeds override)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling of requests that carry no seed of their own (default 0)")
 
 
 def config_from_args(args) -> EngineConfig:

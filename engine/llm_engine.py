@@ -76,7 +76,9 @@ class LLMEngine:
         self.scheduler.on_preempt = self._on_preempt
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.kv_capacity_tokens = self.runner.num_kv_blocks * block_size
-        self.sampler = Sampler()
+        # Requests without a seed of their own draw from one generator seeded with --seed: a run of the same
+        # requests in the same order samples the same tokens.
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
         self.eos_token_ids = set(self.model_config.eos_token_ids or [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -146,8 +148,7 @@ class LLMEngine:
             raise RequestError(f"duplicate request id {request_id!r}")
         request = Request(request_id, prompt_token_ids, params)
         for seq in request.seqs:
-            seed = params.seed if params.seed is not None else None
-            seq.generator = make_generator(seed, seq.index, self.device) if seed is not None else None
+            seq.generator = make_generator(params.seed, seq.index, self.device) if params.seed is not None else None
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
             if params.structured_output is not None:

@@ -96,7 +96,11 @@ class SampleResult:
 
 
 class Sampler:
-    """Stateless; one instance can serve every step."""
+    """One instance serves every step. `generator` (on the logits' device) draws for the rows that have no
+    generator of their own (requests without a seed); None: the device's default generator."""
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         if logits.dim() != 2:
@@ -267,19 +271,19 @@ class Sampler:
         sorted_logits = sorted_logits.masked_fill(drop_p, float("-inf"))
         return torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits)
 
-    @staticmethod
-    def _exponential_race(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def _exponential_race(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """argmax(probs / E) with E ~ Exp(1) i.i.d. picks token i with probability probs[i] (Gumbel-max trick
         in another form). Seeded rows draw E from their own generator; the rest share one draw from the
-        default generator."""
+        sampler's generator."""
         noise = torch.empty_like(probs)
         unseeded = [i for i, r in enumerate(rows) if r.generator is None]
         if unseeded:
             if len(unseeded) == len(rows):
-                noise.exponential_()
+                noise.exponential_(generator=self.generator)
             else:
                 index = torch.tensor(unseeded, device=probs.device)
-                noise.index_copy_(0, index, torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_())
+                draw = torch.empty(len(unseeded), probs.shape[1], device=probs.device)
+                noise.index_copy_(0, index, draw.exponential_(generator=self.generator))
         for i, row in enumerate(rows):
             if row.generator is not None:
                 noise[i].exponential_(generator=row.generator)
