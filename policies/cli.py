@@ -1,4 +1,5 @@
-"""`longserve profile`: make a HyLRA policy for a model from calibration text (see policies/profiler.py)."""
+"""`longserve profile`: make a policy for a model from calibration text (see policies/profiler.py): HyLRA's
+FULL/COMPUTE/REUSE layers, optionally with a method chosen per layer."""
 
 from __future__ import annotations
 
@@ -38,10 +39,26 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _method_list(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     d = ProfileConfig()
     p = subparsers.add_parser(
-        "profile", help="profile a model on calibration text and write a HyLRA policy",
+        "profile", help="profile a model on calibration text and write a policy (HyLRA, or a method per layer)",
         description="Run the model with dense attention over calibration text, measure per-layer sensitivity and "
                     "the overlap of top-k block selections between layers, choose FULL layers and solve the "
                     "COMPUTE/REUSE dynamic program; write the policy JSON (and PNG plots).")
@@ -74,6 +91,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"measure at one query position in this many (default {d.probe_every})")
     p.add_argument("--min-probe-context", type=_positive_int, default=None,
                    help="measure only queries with at least this much context (default 2 x --topk-tokens)")
+    p.add_argument("--methods", type=_method_list, default=("hylra",), metavar="M[,M]",
+                   help="methods a non-full layer may run: hylra, superlinear or both (default hylra); with "
+                        "more than one, each layer gets the method attending the fewest keys among those whose "
+                        "output error at the probes is at most --max-error")
+    p.add_argument("--method-config", type=_json_object, default={}, metavar="JSON",
+                   help="parameters of the searched methods other than hylra, e.g. '{\"superlinear\": "
+                        "{\"sw_index\": 15}}' (written into the policy)")
+    p.add_argument("--max-error", type=float, default=d.max_error, metavar="E",
+                   help=f"method search: the relative output error a layer's method may make (default {d.max_error})")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="model dtype while profiling (default float32)")
@@ -87,7 +113,14 @@ def config_from_args(args) -> ProfileConfig:
                          recent_blocks=args.recent_blocks, block_size=args.block_size, full_layers=args.full_layers,
                          sparsity=args.sparsity, max_compute_layers=args.max_compute_layers,
                          chunk_tokens=args.chunk_tokens, max_seq_tokens=args.max_seq_tokens,
-                         probe_every=args.probe_every, min_probe_context=args.min_probe_context)
+                         probe_every=args.probe_every, min_probe_context=args.min_probe_context,
+                         methods=args.methods, method_params=args.method_config, max_error=args.max_error)
+
+
+def layer_label(lp) -> str:
+    """F, C, R<source>; a layer naming its own method gets it after a colon (C:superlinear)."""
+    mode = lp.mode[0].upper() + (str(lp.source) if lp.source is not None else "")
+    return mode + (f":{lp.method}" if lp.method else "")
 
 
 def run(args) -> int:
@@ -100,11 +133,14 @@ def run(args) -> int:
     except ValueError as e:  # ProfileError, BackendError: bad input, one line
         print(f"longserve profile: error: {e}", file=sys.stderr)
         return 2
-    modes = " ".join(lp.mode[0].upper() + (str(lp.source) if lp.source is not None else "") for lp in plan.layers)
+    modes = " ".join(layer_label(lp) for lp in plan.layers)
     dp_info = plan.profile["dp"]
     print(f"layers: {modes}")
-    print(f"full: {plan.profile['full_layers']}, compute: {dp_info['num_compute']}, "
-          f"min overlap {dp_info['min_overlap']}, probes {plan.profile['num_probes']}, "
+    print(f"full: {plan.profile['full_layers']}, hylra compute: {dp_info['num_compute']}, "
+          f"min overlap {dp_info.get('min_overlap', '-')}, probes {plan.profile['num_probes']}, "
           f"{plan.profile['elapsed_s']} s")
+    if "methods" in plan.profile:
+        chosen = plan.profile["methods"]["chosen"]
+        print("methods: " + ", ".join(f"{m} {chosen.count(m)}" for m in dict.fromkeys(chosen)))
     print(f"policy written to {args.out}" + (f", plots in {args.plots}" if args.plots else ""))
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ProfileError(ValueError):
@@ -24,6 +24,11 @@ class ProfileConfig:
     probe_every: int = 16  # probe one query position in this many
     min_probe_context: int | None = None  # default: 2 * topk_tokens (so the budget is at most half the context)
     mass_threshold: float = 0.9
+    # Method search: the methods a non-FULL layer may run, the other methods' parameters ({"superlinear": {...}};
+    # HyLRA's come from the fields above), and the output error a layer's method may make (see profiler.py).
+    methods: tuple[str, ...] = ("hylra",)
+    method_params: dict = field(default_factory=dict)
+    max_error: float = 0.05
 
     def validate(self) -> None:
         from longserve.kernels.hylra import validate_params  # imports torch: only when a profile runs
@@ -44,6 +49,29 @@ class ProfileConfig:
             raise ProfileError(f"max-compute-layers must be >= 1, got {self.max_compute_layers}")
         if not 0.0 < self.mass_threshold <= 1.0:
             raise ProfileError(f"mass threshold must be within (0, 1], got {self.mass_threshold}")
+        self._validate_methods()
+
+    def _validate_methods(self) -> None:
+        from longserve.kernels.superlinear import BACKEND_DEFAULTS, make_params
+
+        searchable = ("hylra", "superlinear")
+        if not self.methods or len(set(self.methods)) != len(self.methods) or \
+                any(m not in searchable for m in self.methods):
+            raise ProfileError(f"methods must be distinct names among {', '.join(searchable)}, got "
+                               f"{','.join(self.methods) or 'none'}")
+        for m, values in self.method_params.items():
+            if m not in self.methods or m == "hylra" or not isinstance(values, dict):
+                raise ProfileError(f"method-config: parameters are given per searched method other than hylra "
+                                   f"(as {{\"superlinear\": {{...}}}}), got {m!r}")
+        if "superlinear" in self.methods:
+            params = make_params(self.method_params.get("superlinear"), BACKEND_DEFAULTS)
+            if params.combine != "union":
+                raise ProfileError("the profiler measures superlinear with combine='union' only")
+            if params.search == "summary" and params.window + 1 < self.block_size:
+                raise ProfileError(f"superlinear: summary search needs a window of at least block-size - 1 = "
+                                   f"{self.block_size - 1} keys (sw_index {params.sw_index} gives {params.window})")
+        if not isinstance(self.max_error, (int, float)) or isinstance(self.max_error, bool) or self.max_error < 0:
+            raise ProfileError(f"max-error must be a number >= 0, got {self.max_error!r}")
 
     @property
     def probe_context(self) -> int:

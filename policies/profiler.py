@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from longserve.kernels.base import AttentionMetadata, LayerCache, StepState
-from longserve.kernels.plan import AttentionPlan
+from longserve.kernels.plan import AttentionPlan, LayerPlan
 from longserve.kernels.reference import dense as ref_dense
 
 from . import dp
@@ -95,6 +95,15 @@ class RecordingBackend:
         self.overlap_sum: torch.Tensor | None = None  # [Hkv, L, L]
         self.num_probes = 0
         self._selections: dict[int, torch.Tensor] = {}  # this chunk's selections [Hkv, P, nb] per layer
+        # Method search (more than hylra alone): per method and layer, the output error and the share of visible
+        # keys attended under the method's own run-time selection, per probe batch [Hkv, P].
+        self.search = tuple(cfg.methods) != ("hylra",)
+        self.method_error = {m: [[] for _ in range(num_layers)] for m in cfg.methods}
+        self.method_keys = {m: [[] for _ in range(num_layers)] for m in cfg.methods}
+        if "superlinear" in cfg.methods:
+            from longserve.kernels.superlinear import BACKEND_DEFAULTS, make_params
+
+            self.span_params = make_params(cfg.method_params.get("superlinear"), BACKEND_DEFAULTS)
 
     def aux_specs(self, num_kv_heads: int, head_dim: int) -> dict:
         return {}
@@ -177,6 +186,20 @@ class RecordingBackend:
         err = (sparse_out - full_out).norm(dim=-1) / full_out.norm(dim=-1).clamp_min(1e-12)  # [Hq, P]
         self.topk_error[layer].append(err.reshape(hkv, group, p).mean(1).cpu())
 
+        if self.search:
+            causal = mask[None].expand(hq, -1, -1)
+            for method in cfg.methods:
+                if method == "hylra":
+                    attended = _hylra_runtime_keys(qp, keys, pos, cfg, self.budget_blocks, ctx)
+                else:
+                    attended = _superlinear_keys(qp, keys, pos, self.span_params, bs)
+                attended = attended & causal
+                out = torch.bmm(torch.softmax(scores.masked_fill(~attended, float("-inf")), dim=-1), v_rep)
+                m_err = (out - full_out).norm(dim=-1) / full_out.norm(dim=-1).clamp_min(1e-12)
+                share = attended.sum(-1).float() / (pos + 1)[None].float()
+                self.method_error[method][layer].append(m_err.reshape(hkv, group, p).mean(1).cpu())
+                self.method_keys[method][layer].append(share.reshape(hkv, group, p).mean(1).cpu())
+
         if layer == self.num_layers - 1:
             self._accumulate_overlap()
 
@@ -200,10 +223,54 @@ class RecordingBackend:
         per_head_overlap = (self.overlap_sum / self.num_probes).cpu().double()  # [Hkv, L, L]
         mass_share = torch.stack([torch.cat(x, dim=1).mean(1) for x in self.mass_share]).double()  # [L, Hkv]
         topk_error = torch.stack([torch.cat(x, dim=1).mean(1) for x in self.topk_error]).double()
+        per_layer = lambda acc: np.array([float(torch.cat(x, dim=1).mean()) for x in acc])  # noqa: E731
         return {"overlap": per_head_overlap.amin(0).clamp(0, 1).numpy(),
                 "overlap_mean_heads": per_head_overlap.mean(0).numpy(),
                 "mass_share": mass_share.numpy(), "topk_error": topk_error.numpy(),
-                "num_probes": self.num_probes}
+                "num_probes": self.num_probes,
+                "method_error": {m: per_layer(a) for m, a in self.method_error.items()} if self.search else {},
+                "method_keys": {m: per_layer(a) for m, a in self.method_keys.items()} if self.search else {}}
+
+
+def _hylra_runtime_keys(qp: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cfg: ProfileConfig,
+                        budget_blocks: int, ctx: int) -> torch.Tensor:
+    """The keys HyLRA attends at run time for each probe query (decode-like: one query per selection):
+    sinks + recent blocks + the blocks of highest q . mean key (max over the GQA group's heads) up to the
+    budget. qp [Hq, P, D], keys [Hkv, N, D] -> [Hq, P, N] bool."""
+    bs = cfg.block_size
+    hq, p, _ = qp.shape
+    hkv = keys.shape[0]
+    nb = -(-ctx // bs)
+    padded = torch.nn.functional.pad(keys, (0, 0, 0, nb * bs - ctx))
+    fill = torch.full((nb,), bs, device=keys.device)
+    fill[-1] = ctx - (nb - 1) * bs
+    kmean = padded.reshape(hkv, nb, bs, -1).sum(2) / fill[None, :, None]  # [Hkv, nb, D]
+    score = torch.bmm(qp.reshape(hkv, -1, qp.shape[-1]), kmean.transpose(1, 2)).reshape(hkv, hq // hkv, p, nb)
+    score = score.amax(1)  # [Hkv, P, nb]
+    block_ids = torch.arange(nb, device=keys.device)
+    last = (pos // bs)[:, None]
+    forced = (block_ids[None] < cfg.sink_blocks) | ((block_ids[None] > last - cfg.recent_blocks)
+                                                    & (block_ids[None] <= last))
+    ranked = torch.where(forced[None], float("inf"), score).masked_fill(block_ids[None, None] > last[None],
+                                                                         float("-inf"))
+    take = torch.clamp(pos // bs + 1, max=max(budget_blocks, cfg.sink_blocks + cfg.recent_blocks))
+    rank = torch.empty_like(block_ids.expand(hkv, p, nb).contiguous())
+    rank.scatter_(-1, ranked.argsort(dim=-1, descending=True), block_ids.expand(hkv, p, nb).contiguous())
+    selected = (rank < take[None, :, None]).repeat_interleave(hq // hkv, dim=0)  # [Hq, P, nb]
+    return selected.repeat_interleave(bs, dim=-1)[..., :ctx]
+
+
+def _superlinear_keys(qp: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, params: Any, block_size: int
+                      ) -> torch.Tensor:
+    """The keys superlinear attends for each probe query with its run-time search (window + the selected
+    spans, over block bounds of block_size keys for summary search). -> [Hq, P, N] bool."""
+    from longserve.kernels.reference import superlinear as sl
+
+    sel, sw_start = sl.select_spans(qp, keys, pos, params, block_size=block_size)
+    key = torch.arange(keys.shape[1], device=keys.device)
+    window = (key[None, :] >= sw_start[:, None]) & (key[None, :] <= pos[:, None])  # [P, N]
+    in_span = sel.valid[..., None] & (key >= sel.starts[..., None]) & (key <= sel.ends[..., None])
+    return window[None] | in_span.any(2)
 
 
 def _causal_sdpa(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, seq: int) -> torch.Tensor:
@@ -282,7 +349,68 @@ def build_policy(results: dict[str, Any], cfg: ProfileConfig, model_info: dict[s
         **(extra_profile or {}),
     }
     params = {"topk_tokens": cfg.topk_tokens, "sink_blocks": cfg.sink_blocks, "recent_blocks": cfg.recent_blocks}
-    return solved.to_plan("hylra", params, model_info, profile)
+    if not results.get("method_error"):
+        return solved.to_plan("hylra", params, model_info, profile)
+    return _method_search_policy(results, cfg, model_info, profile, params)
+
+
+def choose_methods(error: dict[str, np.ndarray], attended: dict[str, np.ndarray], max_error: float,
+                   layers: list[int]) -> dict[int, str]:
+    """Per layer: the method attending the fewest keys among those whose output error is at most max_error;
+    when none is, the method of lowest error."""
+    out = {}
+    for i in layers:
+        good = [m for m in error if error[m][i] <= max_error]
+        out[i] = min(good, key=lambda m: (attended[m][i], error[m][i])) if good else \
+            min(error, key=lambda m: error[m][i])
+    return out
+
+
+def _method_search_policy(results: dict[str, Any], cfg: ProfileConfig, model_info: dict[str, Any],
+                          profile: dict[str, Any], hylra_params: dict[str, Any]) -> AttentionPlan:
+    """FULL layers: those the best candidate method serves worst (lowest error over the methods, highest
+    first); every other layer its method by choose_methods; the DP (COMPUTE/REUSE) over the HyLRA layers."""
+    error, attended = results["method_error"], results["method_keys"]
+    num_layers = results["overlap"].shape[0]
+    best = np.min(np.stack([error[m] for m in cfg.methods]), axis=0)
+    share = results["mass_share"].mean(axis=1)
+    full = sorted(sorted(range(num_layers), key=lambda i: (-best[i], -share[i], i))[:cfg.num_full(num_layers)])
+    chosen = choose_methods(error, attended, cfg.max_error, [i for i in range(num_layers) if i not in full])
+    hylra_layers = [i for i, m in chosen.items() if m == "hylra"]
+    cap = cfg.max_compute_layers if cfg.max_compute_layers is not None else max(1, math.ceil(len(hylra_layers) / 2))
+    others = [i for i in range(num_layers) if i not in hylra_layers]
+    solved = dp.solve(results["overlap"], others, cap) if hylra_layers else None
+    plan_method = "hylra" if hylra_layers else chosen[min(chosen)] if chosen else "dense"
+    layers = []
+    for i in range(num_layers):
+        m = chosen.get(i)
+        if m is None:
+            layers.append(LayerPlan("full"))
+        elif m == "hylra":
+            layers.append(solved.layers[i])
+        else:
+            layers.append(LayerPlan("compute", method=None if m == plan_method else m))
+    r4 = lambda x: [round(float(v), 4) for v in x]  # noqa: E731
+    profile["full_layers"] = full
+    if solved is not None:
+        profile["dp"].update(max_compute_layers=cap, num_compute=solved.num_compute,
+                             min_overlap=round(solved.min_overlap, 4), sum_overlap=round(solved.sum_overlap, 4))
+    else:
+        profile["dp"] = {"num_compute": 0, "note": "no HyLRA layer"}
+    profile["methods"] = {
+        "candidates": list(cfg.methods), "max_error": cfg.max_error,
+        "rule": "per layer the method attending the fewest keys among those with output error <= max_error "
+                "(else the lowest error); FULL: the layers whose best method errs most",
+        "output_error": {m: r4(error[m]) for m in cfg.methods},
+        "attended_share": {m: r4(attended[m]) for m in cfg.methods},
+        "chosen": [chosen.get(i, "dense") for i in range(num_layers)],
+    }
+    method_params = {m: dict(cfg.method_params.get(m) or {}) for m in set(chosen.values()) if m != "hylra"}
+    if "hylra" in chosen.values() or plan_method == "hylra":
+        method_params["hylra"] = hylra_params
+    plan = AttentionPlan(plan_method, layers, method_params.pop(plan_method, {}), model_info, profile, method_params)
+    plan.validate()
+    return plan
 
 
 # ---------------------------------------------------------------------------------- plots

@@ -317,3 +317,86 @@ def test_llm_runs_a_mixed_policy(tiny_ckpt, tmp_path):
     out = llm.generate(prompts, greedy)
     assert all(len(o.outputs[0].token_ids) == 5 for o in out)
     assert sorted(seen) == [1, 3, 4]  # the compute layers of each method left a selection; reuse layer 2 none
+
+
+# ---------------------------------------------------------------- the profiler's method search
+
+def test_choose_methods_takes_the_cheapest_good_enough_method():
+    import numpy as np
+
+    from longserve.policies.profiler import choose_methods
+
+    error = {"hylra": np.array([0.01, 0.2, 0.04, 0.3]), "superlinear": np.array([0.03, 0.02, 0.09, 0.5])}
+    keys = {"hylra": np.array([0.3, 0.3, 0.3, 0.3]), "superlinear": np.array([0.1, 0.4, 0.1, 0.1])}
+    # layer 0: both good, superlinear cheaper; 1: only superlinear good; 2: only hylra good; 3: none, lower error
+    assert choose_methods(error, keys, 0.05, [0, 1, 2, 3]) == {0: "superlinear", 1: "superlinear", 2: "hylra",
+                                                               3: "hylra"}
+    assert choose_methods(error, keys, 0.0, [0, 1]) == {0: "hylra", 1: "superlinear"}  # none good: lower error
+
+
+def test_profile_searches_methods_per_layer(tiny_ckpt, tmp_path, capsys):
+    import argparse
+
+    from longserve.policies import cli as profile_cli
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog while the cat sleeps. " * 18)  # ~1200 tokens
+    out = tmp_path / "mixed.json"
+
+    def run(*extra) -> AttentionPlan:
+        parser = argparse.ArgumentParser(prog="longserve")
+        profile_cli.add_parser(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(["profile", "--model", str(tiny_ckpt), "--calib", str(calib), "--out", str(out),
+                                  "--topk-tokens", "128", "--block-size", "16", "--full-layers", "1",
+                                  "--probe-every", "8", "--chunk-tokens", "300", "--device", "cpu", "--quiet",
+                                  "--methods", "hylra,superlinear", "--method-config", '{"superlinear": {"sw_index": 3}}',
+                                  *extra])
+        assert args.func(args) == 0, capsys.readouterr().err
+        return AttentionPlan.load(out)
+
+    plan = run("--max-error", "1e9")  # every method is good enough: each layer takes the fewest keys
+    search = plan.profile["methods"]
+    err, share = search["output_error"], search["attended_share"]
+    assert set(err) == {"hylra", "superlinear"} and all(len(v) == 5 for v in err.values())
+    assert all(0 < s <= 1 for v in share.values() for s in v) and max(max(v) for v in err.values()) > 0
+    assert len(plan.profile["full_layers"]) == 1
+    for i in range(5):
+        want = "dense" if i in plan.profile["full_layers"] else \
+            min(("hylra", "superlinear"), key=lambda m: (share[m][i], err[m][i]))
+        assert plan.layer_method(i) == search["chosen"][i] == want
+    assert "methods:" in capsys.readouterr().out
+    plan = run("--max-error", "0")  # nothing is good enough: the lower error
+    err = plan.profile["methods"]["output_error"]
+    for i in range(5):
+        if i not in plan.profile["full_layers"]:
+            assert plan.layer_method(i) == min(("hylra", "superlinear"), key=lambda m: err[m][i])
+    # FULL: the layer whose best method errs most
+    best = [min(err["hylra"][i], err["superlinear"][i]) for i in range(5)]
+    assert plan.profile["full_layers"] == [best.index(max(best))]
+
+    from longserve.engine import LLM, SamplingParams
+    llm = LLM(model=str(tiny_ckpt), policy=str(out), device="cpu", dtype="float32", block_size=16, num_kv_blocks=128)
+    result = llm.generate("The quick brown fox " * 30, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(result[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--methods", "hylra,quest"], "methods must be distinct names among hylra, superlinear"),
+    (["--methods", "superlinear", "--method-config", '{"superlinear": {"combine": "gate"}}'], "combine='union'"),
+    (["--methods", "superlinear", "--method-config", '{"superlinear": {"sw_index": 1}}'], "window of at least"),
+    (["--methods", "superlinear", "--method-config", '{"routing": {}}'], "method-config"),
+])
+def test_profile_method_search_refusals(tmp_path, capsys, extra, match):
+    import argparse
+
+    from longserve.policies import cli as profile_cli
+
+    calib = tmp_path / "c.txt"
+    calib.write_text("text " * 100)
+    parser = argparse.ArgumentParser(prog="longserve")
+    profile_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["profile", "--calib", str(calib), "--out", str(tmp_path / "p.json"),
+                              "--block-size", "16", "--quiet", *extra])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err
