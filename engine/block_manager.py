@@ -33,7 +33,7 @@ class BlockManager:
         # Free blocks in the order they should be reused (oldest freed first); an OrderedDict so a cached
         # free block can be taken out of the middle in O(1) when a prefix hit revives it.
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.prefix_queries = 0  # prompt blocks looked up
+        self.prefix_queries = 0  # prompt blocks looked up by admitted sequences
         self.prefix_hits = 0  # of those, found in the cache
 
     # -- capacity ---------------------------------------------------------------------------------------
@@ -59,24 +59,26 @@ class BlockManager:
         self.ref_counts[block] = 1
         return block
 
-    def match_prefix(self, seq: Sequence) -> None:
+    def match_prefix(self, seq: Sequence) -> tuple[int, int]:
         """Before a sequence's first chunk: map its leading full prompt blocks to cached blocks.
 
         At most (len - 1) // block_size blocks, so at least one token is always computed (its logits are
-        needed to sample)."""
+        needed to sample). Returns (blocks looked up, blocks found): the scheduler counts them with
+        count_prefix_lookup once the sequence is admitted, so a sequence that waits for free blocks through
+        many steps (matched and released each time) is counted once."""
         assert not seq.block_table and seq.num_computed_tokens == 0
         if not self.enable_prefix_caching:
-            return
+            return 0, 0
         parent = b""
+        looked_up = 0
         max_blocks = (len(seq.token_ids) - 1) // self.block_size
         for i in range(max_blocks):
             tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
             h = block_hash(parent, tokens)
-            self.prefix_queries += 1
+            looked_up += 1
             block = self.cached.get(h)
             if block is None:
                 break
-            self.prefix_hits += 1
             if self.ref_counts[block] == 0:
                 del self.free[block]
             self.ref_counts[block] += 1
@@ -84,6 +86,11 @@ class BlockManager:
             parent = h
         seq.num_hashed_blocks = len(seq.block_table)
         seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * self.block_size
+        return looked_up, len(seq.block_table)
+
+    def count_prefix_lookup(self, looked_up: int, found: int) -> None:
+        self.prefix_queries += looked_up
+        self.prefix_hits += found
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self.free)

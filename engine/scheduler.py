@@ -84,8 +84,7 @@ class Scheduler:
         # 2. Admit waiting sequences (FIFO) while budget, slots and blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self.blocks.match_prefix(seq)
+            lookup = self.blocks.match_prefix(seq) if not seq.block_table else (0, 0)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.can_allocate(self.blocks.blocks_needed(seq, n)):
                 if not self.running and not scheduled:
@@ -96,6 +95,7 @@ class Scheduler:
                     self.blocks.free_sequence(seq)  # waiting sequences hold no blocks (only prefix hits)
                     break
             self.waiting.popleft()
+            self.blocks.count_prefix_lookup(*lookup)  # once per admission, not once per step spent waiting
             self.blocks.allocate(seq, n)
             seq.status = SeqStatus.RUNNING
             if seq.request.metrics.first_scheduled_time is None:

@@ -19,10 +19,9 @@ def test_prefix_hit_reuses_blocks_and_keeps_last_token_to_compute():
     a.num_computed_tokens = 12
     bm.register_full_blocks(a)
     b = make_seq(list(range(12)))
-    bm.match_prefix(b)
     # 12 tokens = 3 full blocks, but one token must be computed: only 2 blocks come from the cache.
+    assert bm.match_prefix(b) == (2, 2)
     assert b.block_table == a.block_table[:2] and b.num_computed_tokens == 8
-    assert bm.prefix_hits == 2
     c = make_seq(list(range(8)) + [99, 98, 97, 96, 95])
     bm.match_prefix(c)
     assert c.block_table == a.block_table[:2]
@@ -77,3 +76,25 @@ def test_scheduler_chunks_prefill_and_preempts_when_blocks_run_out():
     for s in seqs:
         sched.remove(s)
     assert bm.num_free_blocks == 6
+
+
+def test_prefix_counters_count_a_waiting_sequence_once():
+    """A waiting sequence whose prefix hits but which cannot get its other blocks is matched and released at
+    every step; its lookup counts once, when it is admitted."""
+    bm = BlockManager(num_blocks=6, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    cached = make_seq(list(range(9)))  # 3 blocks, the first 2 full and published
+    bm.allocate(cached, 9)
+    cached.num_computed_tokens = 9
+    bm.register_full_blocks(cached)
+    hog = make_seq(list(range(100, 112)))
+    bm.allocate(hog, 12)  # the 3 other blocks: none free
+    waiter = make_seq(list(range(8)) + list(range(50, 59)))  # 2 cached blocks + 3 new ones
+    sched.add(waiter)
+    for _ in range(5):
+        assert sched.schedule() == []
+    assert (bm.prefix_queries, bm.prefix_hits) == (0, 0)
+    bm.free_sequence(hog)
+    assert [s.seq for s in sched.schedule()] == [waiter]
+    assert waiter.num_cached_tokens == 8
+    assert (bm.prefix_queries, bm.prefix_hits) == (3, 2)  # 2 hits, then the miss that ends the lookup
