@@ -147,6 +147,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         request = Request(request_id, prompt_token_ids, params)
+        if params.repetition_penalty != 1.0:
+            request.prompt_token_tensor = torch.tensor(prompt_token_ids, dtype=torch.long, device=self.device)
         for seq in request.seqs:
             seq.generator = make_generator(params.seed, seq.index, self.device) if params.seed is not None else None
             if self.tokenizer is not None:
@@ -215,6 +217,7 @@ class LLMEngine:
         if sampled:
             rows = [SamplingRow(params=s.seq.request.params, generator=s.seq.generator,
                                 prompt_token_ids=s.seq.request.prompt_token_ids,
+                                prompt_token_tensor=s.seq.request.prompt_token_tensor,
                                 output_token_ids=s.seq.output_token_ids, eos_token_ids=self.eos_token_ids,
                                 grammar=s.seq.grammar)
                     for s in sampled]

@@ -73,6 +73,9 @@ class Request:
         self.seqs = [Sequence(self, i, prompt_token_ids) for i in range(params.n)]
         self.metrics = RequestMetrics()
         self.num_preemptions = 0
+        # The prompt as a LongTensor on the engine's device, built once by the engine when a repetition penalty
+        # needs it (the sampler would otherwise convert the Python list at every decode step).
+        self.prompt_token_tensor = None
 
     @property
     def is_finished(self) -> bool:

@@ -32,3 +32,38 @@ def test_engine_seed_makes_unseeded_sampling_reproducible(ckpt):
     assert sample(seed=1, global_seed=200) == first
     assert sample(seed=2, global_seed=100) != first
     assert first[0] != first[1]  # requests still draw differently from each other
+
+
+def test_repetition_penalty_prompt_tensor_is_built_once(ckpt):
+    llm = make_llm(ckpt)
+    seen = []
+    sample = llm.engine.sampler.__call__
+
+    def recording(logits, rows):
+        seen.extend(row.prompt_token_tensor for row in rows)
+        return sample(logits, rows)
+
+    llm.engine.sampler = recording
+    prompt = [5, 6, 7, 8, 9, 10]
+    penalised = llm.generate([prompt], SamplingParams(max_tokens=6, repetition_penalty=1.3, ignore_eos=True))[0]
+    assert len(seen) == 6 and all(t is seen[0] for t in seen) and seen[0].tolist() == prompt
+    seen.clear()
+    llm.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert seen == [None, None]  # no penalty: nothing built
+    # The tensor path samples what the list path samples.
+    llm.engine.sampler = sample
+    from_lists = make_llm(ckpt)
+    from_lists.engine.add_request = _without_prompt_tensor(from_lists.engine)
+    again = from_lists.generate([prompt], SamplingParams(max_tokens=6, repetition_penalty=1.3, ignore_eos=True))[0]
+    assert again.outputs[0].token_ids == penalised.outputs[0].token_ids
+
+
+def _without_prompt_tensor(engine):
+    add = engine.add_request
+
+    def add_request(*args, **kwargs):
+        request_id = add(*args, **kwargs)
+        engine.requests[request_id].prompt_token_tensor = None
+        return request_id
+
+    return add_request
