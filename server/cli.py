@@ -1,4 +1,4 @@
-"""`longserve` command line: serve, generate, bench, profile.
+"""`longserve` command line: serve, generate, bench, profile, eval.
 
 The CLI is the top of the stack, so it may reach every folder; it imports each subcommand's module only
 when that subcommand runs (so `longserve generate` never needs fastapi, and `--help` stays fast).
@@ -19,6 +19,7 @@ EXTERNAL_COMMANDS = {
     "serve": "longserve.server.app",
     "bench": "longserve.bench.cli",
     "profile": "longserve.policies.cli",
+    "eval": "longserve.evals.cli",
 }
 
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="longserve",
         description="Long-context LLM inference server with sparse attention backends "
                     "(dense, superlinear, hylra, routing) over a paged KV cache.")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,generate,bench,profile}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,generate,bench,profile,eval}")
     for name, module in EXTERNAL_COMMANDS.items():
         try:
             importlib.import_module(module).add_parser(sub)

@@ -5,7 +5,7 @@ import pathlib
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FOLDERS = ["server", "engine", "kernels", "policies", "bench"]
+FOLDERS = ["server", "engine", "kernels", "policies", "bench", "evals"]
 
 
 def test_every_package_folder_is_listed_in_pyproject():
@@ -50,6 +50,7 @@ ALLOWED = {
     "engine": {"engine", "kernels"},
     "policies": {"policies", "engine", "kernels"},
     "bench": {"bench", "engine", "kernels", "server"},
+    "evals": {"evals", "engine", "kernels", "policies", "bench"},
     "server": {"server", "engine", "kernels"},
 }
 
@@ -65,7 +66,7 @@ def test_dependency_direction():
 
 def test_kernels_import_no_server_or_engine_packages():
     forbidden = ("fastapi", "uvicorn", "pydantic")
-    for top in ("kernels", "engine", "policies", "bench"):
+    for top in ("kernels", "engine", "policies", "bench", "evals"):
         for path in (ROOT / top).rglob("*.py"):
             for name in _imports(path):
                 assert not name.split(".")[0] in forbidden, f"{path.relative_to(ROOT)} imports {name}"

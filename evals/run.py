@@ -1,0 +1,394 @@
+"""`longserve eval`: long-context quality of every attention method against dense, on the engine the server runs.
+
+Per method one engine (engine/llm.py's LLM, the same model runner, scheduler and backend as the server), its
+backend wrapped in a SelectionProbe (evals/probe.py) that measures the share of keys attended and, with
+--diagnose, the needle recall. Then:
+  tasks     RULER-style prompts (evals/tasks.py) through the engine, all prompts of a method batched, greedy
+  fidelity  teacher-forced chunked prefill of a shipped text through each method's model and backend in
+            lockstep with dense: perplexity, KL(dense || method) of the next-token distribution and top-1
+            agreement over the positions past the method's local window
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from ..engine.config import EngineConfig
+from ..engine.errors import EngineError
+from ..kernels.plan import AttentionPlan
+from .probe import SelectionProbe
+from .tasks import Sample, TaskBuilder, load_fidelity_text, load_haystack_text, score
+
+# Greedy tokens per task: room for the answer (4 seven-digit numbers for multivalue) and a little more.
+MAX_TOKENS = {"passkey": 12, "niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "vt": 12}
+
+
+class EvalError(EngineError):
+    """A bad eval setting (reported in one line)."""
+
+
+def method_label(method: str, params: dict, policy: bool) -> str:
+    inner = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+    label = method + (" (policy)" if policy else "")
+    return f"{label} [{inner}]" if inner else label
+
+
+def build_engine(args, method: str, max_len: int):
+    """An LLM for `method` with the eval's settings (prefix caching off: every prompt is prefilled in full,
+    so the attended share covers it; the token budget per step is --chunk)."""
+    from ..engine.llm import LLM
+
+    params = args.attention_config.get(method, {})
+    policy = None
+    if args.policy and method != "dense" and AttentionPlan.load(args.policy).method == method:
+        policy = args.policy
+    config = EngineConfig(model=args.model, attention=method, attention_config=params, policy=policy,
+                          device=args.device, dtype=args.dtype, attention_impl=args.attention_impl,
+                          max_model_len=max_len, block_size=args.block_size,
+                          kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_batched_tokens=args.chunk,
+                          enable_prefix_caching=False, cuda_graphs=False, seed=args.seed)
+    llm = LLM.from_config(config)
+    probe = SelectionProbe(llm.engine.backend, llm.engine.model_config.num_layers)
+    llm.engine.backend = probe
+    llm.engine.runner.backend = probe
+    return llm, probe, method_label(method, params, policy is not None)
+
+
+def run_tasks(llm, probe: SelectionProbe, samples: list[Sample], label: str, diagnose: bool, progress: bool
+              ) -> list[dict[str, Any]]:
+    """Every sample through the engine (submitted together, stepped to completion); one record per sample."""
+    from tqdm import tqdm
+
+    from ..engine import SamplingParams
+
+    engine = llm.engine
+    ids = {}
+    for s in samples:
+        rid = engine.add_request(s.prompt_ids, SamplingParams(max_tokens=MAX_TOKENS[s.task], temperature=0.0))
+        seq = engine.requests[rid].seqs[0]
+        ids[rid] = (s, seq.seq_id)
+        if diagnose:
+            probe.watch(seq.seq_id, s.evidence_positions, s.question_start, len(s.prompt_ids))
+    done: dict[str, Any] = {}
+    bar = tqdm(total=len(samples), desc=label[:40], unit="prompt", file=sys.stderr, disable=not progress)
+    try:
+        while len(done) < len(samples):
+            for out in engine.step():
+                if out.finished and out.request_id in ids:
+                    done[out.request_id] = out
+                    bar.update(1)
+    finally:
+        bar.close()
+    records = []
+    for rid, (s, seq_id) in ids.items():
+        text = done[rid].outputs[0].text
+        rec = {"task": s.task, "length": s.length, "depth": s.depth, "index": s.index,
+               "prompt_tokens": len(s.prompt_ids), "answers": s.answers, "output": text,
+               "correct": score(s.answers, text),
+               "attended": None if probe.unmeasured else probe.attended_share(seq_id)}
+        if diagnose:
+            rec["diagnosis"] = diagnosis_of(probe, seq_id)
+        records.append(rec)
+    return records
+
+
+def diagnosis_of(probe: SelectionProbe, seq_id: int, need: float = 0.1) -> dict[str, Any]:
+    """Needle recall per layer and query head for one sample (see SelectionProbe), in two phases: the
+    question's prompt tokens and the decoded tokens. A head "needs" the needle at a query when dense
+    attention puts at least `need` of its mass on the evidence there."""
+    w = probe.watches.get(seq_id)
+    if w is None:
+        return {}
+    layers = []
+    for layer_idx in sorted(w.records):
+        recs = w.records[layer_idx]
+        heads = sorted({r[1] for r in recs})
+        row = {"layer": layer_idx, "mode": probe.plan.layers[layer_idx].mode, "heads": []}
+        for h in heads:
+            entry = {"head": h}
+            for phase in ("prompt", "decode"):
+                rs = [r for r in recs if r[1] == h and r[0] == phase]
+                if not rs:
+                    continue
+                needed = [r for r in rs if r[3] >= need]
+                entry[phase] = {
+                    "queries": len(rs),
+                    "recall": sum(r[2] for r in rs) / len(rs),
+                    "dense_mass": sum(r[3] for r in rs) / len(rs),
+                    "needed_queries": len(needed),
+                    "recall_where_needed": (sum(r[2] for r in needed) / len(needed)) if needed else None,
+                    # a missed needle the exact top-k of the same size would have kept: the search's fault
+                    "missed_within_budget": sum(1 for r in rs if r[2] < 1.0 and r[4] < r[5]),
+                    "missed_beyond_budget": sum(1 for r in rs if r[2] < 1.0 and r[4] >= r[5]),
+                }
+            row["heads"].append(entry)
+        layers.append(row)
+    return {"layers": layers, "summary": summarize_diagnosis(layers)}
+
+
+def summarize_diagnosis(layers: list[dict]) -> dict[str, Any]:
+    """Overall recall per phase (all heads, and the heads where dense attention needed the needle) and the
+    number of missed (query, head) pairs within and beyond the budget."""
+    out: dict[str, Any] = {}
+    for phase in ("prompt", "decode"):
+        entries = [h[phase] for row in layers for h in row["heads"] if phase in h]
+        if not entries:
+            continue
+        q = sum(e["queries"] for e in entries)
+        nq = sum(e["needed_queries"] for e in entries)
+        out[phase] = {
+            "recall": sum(e["recall"] * e["queries"] for e in entries) / q,
+            "recall_where_needed": (sum((e["recall_where_needed"] or 0.0) * e["needed_queries"] for e in entries) / nq
+                                    if nq else None),
+            "missed_within_budget": sum(e["missed_within_budget"] for e in entries),
+            "missed_beyond_budget": sum(e["missed_beyond_budget"] for e in entries),
+            "worst_layers": sorted({row["layer"] for row in layers for h in row["heads"]
+                                    if phase in h and h[phase]["recall"] < 1.0})[:10],
+        }
+    return out
+
+
+# -- fidelity -----------------------------------------------------------------------------------------------
+def local_window(backend, block_size: int) -> int:
+    """Keys every query of the method attends whatever the budget (its sinks and local window): positions
+    below this are attended densely anyway, so fidelity is measured past it."""
+    from ..kernels.reference.superlinear import SpanParams
+
+    method = getattr(backend, "method", None)
+    params = getattr(method, "params", None)
+    if isinstance(params, SpanParams):
+        return params.window + 1
+    if isinstance(params, dict) and "recent_blocks" in params:
+        return (params["sink_blocks"] + params["recent_blocks"]) * block_size
+    if isinstance(params, dict) and "window" in params:
+        return params["sink_tokens"] + params["window"]
+    return 0
+
+
+@torch.inference_mode()
+def run_fidelity(engines: dict[str, tuple], token_ids: list[int], chunk: int, skip: int | None,
+                 progress: bool) -> list[dict[str, Any]]:
+    """Teacher-forced chunked prefill of token_ids through every method's model and backend in lockstep;
+    per sparse method: perplexities (all positions, and past its window) of both, KL(dense || method) and
+    top-1 agreement past the window. engines: label -> (llm, probe); the first is dense."""
+    from tqdm import tqdm
+
+    from ..policies.evaluate import paged_cache_for, prefill_chunks
+
+    n = len(token_ids)
+    streams, probes = {}, {}
+    for label, (llm, probe) in engines.items():
+        model = llm.engine.runner.model
+        bs = llm.engine.runner.block_size
+        probe.counts.clear()  # the tasks' counts are recorded already; seq id 0 is this text now
+        caches, table = paged_cache_for(model, probe, n, bs)
+        streams[label] = prefill_chunks(model, token_ids, probe, caches, table, bs, chunk)
+        probes[label] = probe
+    labels = list(engines)
+    dense = labels[0]
+    ids = torch.tensor(token_ids)
+    nll = {lb: [] for lb in labels}
+    kl = {lb: [] for lb in labels[1:]}
+    agree = {lb: [] for lb in labels[1:]}
+    bar = tqdm(total=n, desc=f"fidelity {n} tokens", unit="tok", file=sys.stderr, disable=not progress)
+    for chunks in zip(*(streams[lb] for lb in labels)):
+        start = chunks[0][0]
+        logp = {lb: c[1].log_softmax(-1).cpu() for lb, c in zip(labels, chunks)}
+        m = logp[dense].shape[0]
+        targets = ids[start + 1:start + m + 1]
+        k = targets.shape[0]
+        for lb in labels:
+            nll[lb].append(-logp[lb][:k].gather(1, targets[:, None]).squeeze(1))
+        p_dense = logp[dense][:k].exp()
+        for lb in labels[1:]:
+            kl[lb].append((p_dense * (logp[dense][:k] - logp[lb][:k])).sum(-1))
+            agree[lb].append((logp[dense][:k].argmax(-1) == logp[lb][:k].argmax(-1)).float())
+        bar.update(m)
+    bar.close()
+    out = []
+    nll = {lb: torch.cat(v) for lb, v in nll.items()}
+    for lb in labels[1:]:
+        llm, probe = engines[lb]
+        tail = skip if skip is not None else local_window(probe.inner, llm.engine.runner.block_size)
+        tail = min(tail, n - 2)
+        kls, ags = torch.cat(kl[lb])[tail:], torch.cat(agree[lb])[tail:]
+        attended = probe.counts.get(0)
+        out.append({
+            "method": lb, "tokens": n, "skip": tail,
+            "attended": attended[0] / attended[1] if attended and attended[1] else None,
+            "ppl_dense": math.exp(float(nll[dense].mean())), "ppl": math.exp(float(nll[lb].mean())),
+            "ppl_dense_past_window": math.exp(float(nll[dense][tail:].mean())),
+            "ppl_past_window": math.exp(float(nll[lb][tail:].mean())),
+            "kl_mean": float(kls.mean()), "kl_p95": float(kls.quantile(0.95)) if kls.numel() else None,
+            "top1_agreement": float(ags.mean()),
+        })
+    return out
+
+
+# -- the whole run --------------------------------------------------------------------------------------------
+def make_samples(builder: TaskBuilder, args) -> list[Sample]:
+    samples = []
+    for length in args.lengths:
+        for task in args.tasks:
+            budget = length - MAX_TOKENS[task]  # the prompt and the answer fit in `length`
+            for depth in args.depths:
+                for i in range(args.samples):
+                    s = builder.build(task, budget, depth, i, args.seed)
+                    s.length = length
+                    samples.append(s)
+    return samples
+
+
+def run_eval(args) -> dict[str, Any]:
+    progress = not args.no_progress
+    methods = ["dense"] + [m for m in dict.fromkeys(args.attention) if m != "dense"]
+    max_len = max(args.lengths) + 1
+    t0 = time.time()
+    engines: dict[str, tuple] = {}
+    result: dict[str, Any] = {"settings": settings_of(args, methods), "methods": [], "samples": [],
+                              "fidelity": []}
+    samples: list[Sample] = []
+    for method in methods:
+        llm, probe, label = build_engine(args, method, max_len)
+        if not samples and args.tasks:
+            samples = make_samples(TaskBuilder(llm.tokenizer, load_haystack_text()), args)
+        engines[label] = (llm, probe)
+        result["methods"].append({"method": method, "label": label})
+        if samples:
+            for rec in run_tasks(llm, probe, samples, label, args.diagnose, progress):
+                result["samples"].append({"method": label, **rec})
+        if probe.unmeasured:
+            result.setdefault("unmeasured", {})[label] = sorted(probe.unmeasured)
+    if args.fidelity and len(engines) > 1:
+        tokenizer = next(iter(engines.values()))[0].tokenizer
+        text_ids = encode_text(tokenizer, load_fidelity_text() + "\n\n" + load_haystack_text())
+        for length in args.fidelity_lengths or args.lengths:
+            result["fidelity"] += run_fidelity(engines, text_ids[:length], args.fidelity_chunk,
+                                               args.fidelity_skip, progress)
+    result["summary"] = summarize(result)
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    from ..policies.profiler import encode
+
+    return encode(tokenizer, text)
+
+
+def settings_of(args, methods: list[str]) -> dict[str, Any]:
+    keys = ("model", "lengths", "depths", "samples", "seed", "tasks", "chunk", "device", "dtype", "policy",
+            "attention_config", "fidelity", "fidelity_chunk", "fidelity_skip", "diagnose")
+    return {"methods": methods, **{k: getattr(args, k) for k in keys}}
+
+
+def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Accuracy per (method, length) overall and per task, mean attended share, and per depth."""
+    rows = []
+    labels = [m["label"] for m in result["methods"]]
+    lengths = sorted({s["length"] for s in result["samples"]})
+    for label in labels:
+        for length in lengths:
+            recs = [s for s in result["samples"] if s["method"] == label and s["length"] == length]
+            if not recs:
+                continue
+            att = [s["attended"] for s in recs if s["attended"] is not None]
+            row = {"method": label, "length": length, "n": len(recs),
+                   "accuracy": sum(s["correct"] for s in recs) / len(recs),
+                   "attended": sum(att) / len(att) if att else None,
+                   "prompt_tokens": sum(s["prompt_tokens"] for s in recs) / len(recs),
+                   "by_task": {}, "by_depth": {}}
+            for key, field in (("by_task", "task"), ("by_depth", "depth")):
+                for value in dict.fromkeys(s[field] for s in recs):
+                    sub = [s for s in recs if s[field] == value]
+                    row[key][str(value)] = [sum(s["correct"] for s in sub), len(sub)]
+            rows.append(row)
+    return rows
+
+
+# -- the table --------------------------------------------------------------------------------------------
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    st = result["settings"]
+    lines = [f"longserve eval: model {st['model'] or 'smollm2-135m-instruct'}, {st['samples']} sample(s) per task, "
+             f"length and depth, depths {','.join(str(d) for d in st['depths'])}, seed {st['seed']}", ""]
+    rows = result["summary"]
+    if rows:
+        tasks = list(dict.fromkeys(t for r in rows for t in r["by_task"]))
+        head = ["method", "length", "attended", *tasks, "accuracy"]
+        table = []
+        for r in rows:
+            table.append([r["method"], _tokens(r["length"]), _pct(r["attended"]),
+                          *(f"{r['by_task'][t][0]}/{r['by_task'][t][1]}" if t in r["by_task"] else "-" for t in tasks),
+                          _pct(r["accuracy"])])
+        lines += ["Tasks (answers found / prompts; attended = keys attended / keys visible)", *_grid(head, table), ""]
+        depths = list(dict.fromkeys(d for r in rows for d in r["by_depth"]))
+        table = [[r["method"], _tokens(r["length"]),
+                  *(f"{r['by_depth'][d][0]}/{r['by_depth'][d][1]}" if d in r["by_depth"] else "-" for d in depths)]
+                 for r in rows]
+        lines += ["By needle depth (all tasks)", *_grid(["method", "length", *[f"depth {d}" for d in depths]], table), ""]
+    if result["fidelity"]:
+        head = ["method", "tokens", "past", "attended", "ppl dense", "ppl", "ppl +%", "KL mean", "KL p95", "top-1"]
+        table = [[f["method"], _tokens(f["tokens"]), str(f["skip"]), _pct(f["attended"]), f"{f['ppl_dense']:.3f}",
+                  f"{f['ppl']:.3f}", f"{100 * (f['ppl'] / f['ppl_dense'] - 1):+.2f}", f"{f['kl_mean']:.4f}",
+                  "-" if f["kl_p95"] is None else f"{f['kl_p95']:.4f}", _pct(f["top1_agreement"])]
+                 for f in result["fidelity"]]
+        lines += ["Fidelity against dense (teacher-forced; KL and top-1 over positions >= past)", *_grid(head, table), ""]
+    diag = [s for s in result["samples"] if s.get("diagnosis")]
+    if diag:
+        head = ["method", "task", "length", "depth", "ok", "recall prompt", "recall decode", "where needed",
+                "missed in/out budget"]
+        table = []
+        for s in diag:
+            sm = s["diagnosis"]["summary"]
+            p, d = sm.get("prompt", {}), sm.get("decode", {})
+            need = d.get("recall_where_needed", p.get("recall_where_needed"))
+            table.append([s["method"], s["task"], _tokens(s["length"]), str(s["depth"]), "yes" if s["correct"] else "no",
+                          _pct(p.get("recall")), _pct(d.get("recall")), _pct(need),
+                          f"{p.get('missed_within_budget', 0) + d.get('missed_within_budget', 0)}/"
+                          f"{p.get('missed_beyond_budget', 0) + d.get('missed_beyond_budget', 0)}"])
+        lines += ["Needle recall (--diagnose; per query and head at the question and decode tokens)",
+                  *_grid(head, table), ""]
+    for label, kinds in result.get("unmeasured", {}).items():
+        lines.append(f"note: {label}: attended share not measured (selection type {', '.join(kinds)} not readable)")
+    lines.append(f"{result['seconds']} s")
+    return "\n".join(lines)
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _grid(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return [fmt(head), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
+
+
+def run(args) -> int:
+    result = run_eval(args)
+    print(format_report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=_jsonable)
+    if args.plot:
+        from .plot import plot_accuracy
+
+        plot_accuracy(result, args.plot)
+    return 0
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "__dataclass_fields__"):
+        return asdict(x)
+    return str(x)
