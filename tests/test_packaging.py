@@ -5,7 +5,7 @@ import pathlib
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FOLDERS = ["server", "engine", "kernels", "policies", "bench", "evals"]
+FOLDERS = ["server", "engine", "kernels", "policies", "bench", "evals", "vllm_plugin"]
 
 
 def test_every_package_folder_is_listed_in_pyproject():
@@ -52,6 +52,7 @@ ALLOWED = {
     "bench": {"bench", "engine", "kernels", "server"},
     "evals": {"evals", "engine", "kernels", "policies", "bench"},
     "server": {"server", "engine", "kernels"},
+    "vllm_plugin": {"vllm_plugin", "kernels"},
 }
 
 
@@ -65,7 +66,7 @@ def test_dependency_direction():
 
 
 def test_kernels_import_no_server_or_engine_packages():
-    forbidden = ("fastapi", "uvicorn", "pydantic")
+    forbidden = ("fastapi", "uvicorn", "pydantic", "vllm")  # vllm: only the plugin (its own environment)
     for top in ("kernels", "engine", "policies", "bench", "evals"):
         for path in (ROOT / top).rglob("*.py"):
             for name in _imports(path):
