@@ -84,7 +84,8 @@ def add_engine_arguments(parser) -> None:
                    help="per-layer policy JSON (from `longserve profile`): full/compute/reuse per layer")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="weights and KV-cache dtype (auto: bfloat16 on GPU, float32 on CPU)")
+                   help="weights and KV-cache dtype (auto: float32 on CPU; on GPU the checkpoint's float16 or "
+                        "bfloat16, else bfloat16)")
     g.add_argument("--attention-impl", default="auto", choices=["auto", "torch", "triton"],
                    help="kernels: Triton on GPU, PyTorch reference on CPU (auto), or forced")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion in tokens")

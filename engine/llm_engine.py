@@ -27,8 +27,6 @@ from .scheduler import Scheduler
 from .sequence import CompletionOutput, Request, RequestOutput, Sequence, SeqStatus
 from .structured_output import GrammarCache
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -58,11 +56,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = resolve_device(config.device)
-        dtype = config.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.dtype = _DTYPES[dtype]
-        loaded = load_model(config.model, self.device, self.dtype)
+        loaded = load_model(config.model, self.device, config.dtype)  # 'auto': loader.resolve_dtype's rule
+        self.dtype = loaded.dtype
         self.model_path = loaded.path
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer

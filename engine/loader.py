@@ -33,6 +33,7 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer (None only when load_model(..., tokenizer=False))
     config: ModelConfig
     path: Path
+    dtype: torch.dtype  # of the weights (and of the engine's KV cache)
 
 
 def is_default_model(model: str | os.PathLike | None) -> bool:
@@ -57,14 +58,17 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
 
 
 def resolve_dtype(dtype: torch.dtype | str, config: ModelConfig, device: torch.device) -> torch.dtype:
-    """'auto' = the checkpoint's dtype on CUDA, float32 on CPU (bfloat16 matmuls are slow on CPU)."""
+    """The one rule for dtype 'auto' (the loader and the engine; docs/models.md): float32 on CPU, where bfloat16
+    matmuls are slow; on CUDA the checkpoint's torch_dtype when it is float16 or bfloat16, else bfloat16 (a
+    float32 or unstated checkpoint is served in half the memory, on the kernels' fast path)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     name = str(dtype).lower().removeprefix("torch.")
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
-        return _DTYPE_NAMES.get(str(config.torch_dtype or "bfloat16").removeprefix("torch."), torch.bfloat16)
+        stated = _DTYPE_NAMES.get(str(config.torch_dtype or "").removeprefix("torch."))
+        return stated if stated in (torch.float16, torch.bfloat16) else torch.bfloat16
     if name not in _DTYPE_NAMES:
         raise ModelLoadError(f"unknown dtype {dtype!r} (expected auto, float32, float16 or bfloat16)")
     return _DTYPE_NAMES[name]
@@ -134,7 +138,7 @@ def load_model(model: str | os.PathLike | None, device: torch.device | str = "cp
         raise ModelLoadError(f"checkpoint in {path} lacks tensors {', '.join(missing[:3])}{more}")
     net.eval()
     tok = load_tokenizer(path) if tokenizer else None
-    return LoadedModel(model=net, tokenizer=tok, config=config, path=path)
+    return LoadedModel(model=net, tokenizer=tok, config=config, path=path, dtype=torch_dtype)
 
 
 __all__ = ["LoadedModel", "load_model", "resolve_model_path", "resolve_dtype", "load_tokenizer",

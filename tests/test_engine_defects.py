@@ -67,3 +67,25 @@ def _without_prompt_tensor(engine):
         return request_id
 
     return add_request
+
+
+def test_dtype_auto_is_one_rule_for_loader_and_engine(ckpt, monkeypatch):
+    from dataclasses import replace
+
+    from longserve.engine import loader
+    from longserve.engine.models.decoder import ModelConfig
+
+    config = ModelConfig.from_pretrained(ckpt)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for stated, served in [("float16", torch.float16), ("bfloat16", torch.bfloat16), ("float32", torch.bfloat16),
+                           (None, torch.bfloat16)]:
+        assert loader.resolve_dtype("auto", replace(config, torch_dtype=stated), cuda) == served
+        assert loader.resolve_dtype("auto", replace(config, torch_dtype=stated), cpu) == torch.float32
+    # The engine takes its dtype (weights and KV cache) from that rule, not from one of its own.
+    rule = loader.resolve_dtype
+    monkeypatch.setattr(loader, "resolve_dtype",
+                        lambda dtype, cfg, device: torch.float16 if dtype == "auto" else rule(dtype, cfg, device))
+    engine = LLM(model=str(ckpt), device="cpu", dtype="auto", block_size=4, num_kv_blocks=8).engine
+    assert engine.dtype == torch.float16
+    assert next(engine.runner.model.parameters()).dtype == torch.float16
+    assert engine.runner.caches[0].k.dtype == torch.float16

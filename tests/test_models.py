@@ -205,7 +205,8 @@ def test_model_info_and_config_fields(tmp_path):
     wider = tiny_checkpoint(tmp_path / "c", arch="qwen3", num_hidden_layers=3, intermediate_size=96)
     assert ModelConfig.from_pretrained(wider).fingerprint() != c.fingerprint()
     assert resolve_dtype("auto", c, torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", c, torch.device("cuda")) == torch.float32  # tiny checkpoints are saved in fp32
+    # tiny checkpoints are saved in fp32: served in bf16 on CUDA (docs/models.md, "dtype")
+    assert resolve_dtype("auto", c, torch.device("cuda")) == torch.bfloat16
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         resolve_dtype("int3", c, torch.device("cpu"))
 
