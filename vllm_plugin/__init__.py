@@ -11,13 +11,12 @@ installs three small hooks on vLLM 0.32 (see docs/vllm.md):
 
 from __future__ import annotations
 
-BACKEND_CLASS = "longserve.vllm_plugin.backend.LongserveAttentionBackend"
 
 
 def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_CLASS)
     from . import hooks
 
+    register_backend(AttentionBackendEnum.CUSTOM, hooks.BACKEND_CLASS)
     hooks.install()

@@ -7,6 +7,8 @@ from typing import Any
 from ..kernels.base import BackendError
 from .config import SECTION, build_from_section, check_stages
 
+BACKEND_CLASS = "longserve.vllm_plugin.backend.LongserveAttentionBackend"
+
 _installed = False
 
 
@@ -52,7 +54,6 @@ def install() -> None:
 
         def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
             if _custom_is_longserve(selected_backend) and not attn_selector_config.use_mla:
-                from . import BACKEND_CLASS
                 return BACKEND_CLASS
             return platform_select(cls, selected_backend, attn_selector_config, num_heads)
 
@@ -79,7 +80,6 @@ def install() -> None:
 def _custom_is_longserve(selected_backend: Any) -> bool:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from . import BACKEND_CLASS
     return selected_backend == AttentionBackendEnum.CUSTOM and AttentionBackendEnum.CUSTOM.is_overridden() \
         and AttentionBackendEnum.CUSTOM.get_path() == BACKEND_CLASS
 
