@@ -111,6 +111,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_server_exits_non_zero_when_the_engine_thread_dies(ckpt, tmp_path):
     from test_server import free_port
 
