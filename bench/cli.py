@@ -82,7 +82,10 @@ def add_throughput_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"attention methods, comma-separated (default: all of {','.join(METHOD_NAMES)}); a method "
                         "that does not import is reported as not available")
     p.add_argument("--attention-config", type=_method_params, default={}, metavar="JSON",
-                   help='parameters per method, e.g. \'{"hylra": {"topk_tokens": 4096}}\'')
+                   help='parameters per method, e.g. \'{"hylra": {"topk_tokens": 4096}}\' (policies too)')
+    p.add_argument("--policy", action="append", default=[], metavar="FILE",
+                   help="also run a policy file (per-layer methods and modes; repeatable); its rows are named "
+                        "policy:<file stem>. With --policy, --attention defaults to dense (the baseline)")
     p.add_argument("--batch", type=_list(_positive_int), default=[1], help="batch sizes, comma-separated (default 1)")
     p.add_argument("--decode-steps", type=_positive_int, default=16, help="timed decode steps per batch (default 16)")
     p.add_argument("--warmup-steps", type=_positive_int, default=1,

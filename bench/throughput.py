@@ -40,6 +40,7 @@ from ..engine.errors import EngineError
 from ..engine.llm_engine import resolve_device as engine_resolve_device
 from ..engine.models.decoder import DecoderModel, ModelConfig
 from ..kernels.base import AttentionMetadata, BackendError, LayerCache, StepState
+from ..kernels.plan import AttentionPlan
 from ..kernels.registry import METHODS, build_backend
 from .common import BenchError, format_tokens
 from .presets import PRESETS, preset_config, random_model, weight_count
@@ -326,12 +327,19 @@ def rebuild_aux(backend, layer_idx: int, cache: LayerCache, num_blocks: int) -> 
     tables it does not know how to rebuild."""
     if not cache.aux:
         return "none"
-    method = getattr(backend, "method", None)
+    layer_backend = getattr(backend, "layer_backend", None)  # a plan's layers may run different methods
+    method = layer_backend(layer_idx) if layer_backend is not None else getattr(backend, "method", None)
+    if getattr(method, "name", None) == "dense":
+        return "none"  # a full layer of a sparse plan never reads its tables
     hook = getattr(method, "prepare_synthetic", None)
     if hook is not None:
         hook(layer_idx, cache, num_blocks)
         return "prepare_synthetic"
-    unknown = set(cache.aux) - {"kmin", "kmax"}
+    specs = getattr(method, "aux_specs", None)  # the tables this layer's method reads (a plan allocates the union)
+    needed = set(specs(cache.num_kv_heads, cache.head_dim)) if specs is not None else set(cache.aux)
+    if not needed:
+        return "none"
+    unknown = needed - {"kmin", "kmax"}
     if unknown:
         raise BenchError(f"{backend.name}: cannot rebuild aux tables {sorted(unknown)} for a synthetic cache "
                          "(the backend has no prepare_synthetic hook); use --kv prefill")
@@ -426,8 +434,8 @@ class Runner:
                 times.append(time.perf_counter() - t0)
                 pos += 1
                 bar.update()
-        state_bytes = getattr(getattr(backend, "method", None), "state_bytes", None)
-        state_bytes = int(state_bytes()) if callable(state_bytes) else None
+        state_bytes = getattr(backend, "state_bytes", None)
+        state_bytes = state_bytes() if callable(state_bytes) else None
         for b in range(batch):
             backend.free_sequence(b)
         return times, state_bytes
@@ -525,6 +533,19 @@ def build_backends(methods: list[str], num_layers: int, params: dict, impl: str)
     return available, missing
 
 
+def policy_backends(paths: list[str], config: ModelConfig, params: dict, impl: str) -> dict:
+    """policy:<file stem> -> the backend of each policy file (refused in one line when it does not fit the model)."""
+    out = {}
+    for path in paths:
+        try:
+            plan = AttentionPlan.load(path)
+            plan.check_model(config.model_info())
+            out[f"policy:{Path(path).stem}"] = build_backend(plan=plan, params=params, impl=impl)
+        except BackendError as e:
+            raise BenchError(f"--policy {path}: {e}") from None
+    return out
+
+
 def run(args) -> int:
     unknown = sorted(set(args.attention_config) - set(METHODS))
     if unknown:
@@ -535,8 +556,10 @@ def run(args) -> int:
     if block_size < 1 or block_size & (block_size - 1):
         raise BenchError(f"--block-size must be a power of two, got {block_size}")
     config, model_desc, ckpt = model_config(args.model, args.num_layers)
-    methods = args.attention or list(METHODS)
+    policies = getattr(args, "policy", None) or []
+    methods = args.attention or (["dense"] if policies else list(METHODS))
     backends, missing = build_backends(methods, config.num_layers, args.attention_config, args.attention_impl)
+    backends.update(policy_backends(policies, config, args.attention_config, args.attention_impl))
     for method, reason in missing.items():
         print(f"{method}: not available ({reason})", file=sys.stderr)
     if not backends:
@@ -637,7 +660,7 @@ def _run_context(model, config, device, dtype, layout: Layout, backends: dict, a
             extra: dict[str, Any] = {}
             if args.kv == "synthetic":
                 how = {rebuild_aux(backend, i, c, filled_blocks) for i, c in enumerate(caches)}
-                extra["aux_tables"] = sorted(how)
+                extra["aux_tables"] = sorted(how - {"none"}) or ["none"]
             else:
                 seconds = 0.0
                 for region in range(layout.context_regions):

@@ -84,9 +84,10 @@ class PlannedBackend:
         for backend in self.methods.values():
             backend.free_sequence(seq_id)
 
-    def state_bytes(self) -> int:
-        """Per-sequence state the methods hold (routing's cluster tables)."""
-        return sum(int(b.state_bytes()) for b in self.methods.values() if hasattr(b, "state_bytes"))
+    def state_bytes(self) -> int | None:
+        """Per-sequence state the methods hold (routing's cluster tables); None when no method keeps any."""
+        holders = [b for b in self.methods.values() if hasattr(b, "state_bytes")]
+        return sum(int(b.state_bytes()) for b in holders) if holders else None
 
 
 def build_backend(method: str = "dense", num_layers: int | None = None, params: dict | None = None,

@@ -400,3 +400,33 @@ def test_profile_method_search_refusals(tmp_path, capsys, extra, match):
     assert args.func(args) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err
+
+
+# ---------------------------------------------------------------- bench throughput --policy
+
+def test_bench_throughput_runs_policies(tmp_path, capsys):
+    from longserve.bench.presets import preset_config
+    from longserve.server.cli import main
+
+    info = preset_config("tiny").model_info()  # 2 layers
+    mixed = AttentionPlan("superlinear", [LayerPlan("compute"), LayerPlan("compute", method="hylra")],
+                          {"sw_index": 15}, info, method_params={"hylra": {"topk_tokens": 256}})
+    mixed.save(tmp_path / "mixed.json")
+    out = tmp_path / "r.json"
+    rc = main(["bench", "throughput", "--model", "tiny", "--context", "2K", "--policy", str(tmp_path / "mixed.json"),
+               "--decode-steps", "1", "--device", "cpu", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {"dense", "policy:mixed"}  # dense is the baseline by default
+    row = rows["policy:mixed"]
+    assert row["decode_ms_per_step"] > 0 and row["decode_speedup_vs_dense"] > 0
+    # each layer's tables rebuilt by its own method: superlinear's bounds, hylra's mean keys
+    assert row["aux_tables"] == ["kmin/kmax rebuilt from the keys", "prepare_synthetic"] and row["aux_bytes"] > 0
+
+    wrong = AttentionPlan("hylra", [LayerPlan("compute")] * 3, {}, {**info, "num_layers": 3})
+    wrong.save(tmp_path / "wrong.json")
+    rc = main(["bench", "throughput", "--model", "tiny", "--context", "2K", "--policy", str(tmp_path / "wrong.json"),
+               "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and "--policy" in err[-1] and "num_layers=3" in err[-1]
