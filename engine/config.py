@@ -12,8 +12,8 @@ from .errors import EngineError
 class EngineConfig:
     model: str | None = None  # local HF directory, or None / "smollm2-135m-instruct" for the embedded default
     attention: str = "dense"  # dense | superlinear | hylra | routing
-    attention_config: dict[str, Any] = field(default_factory=dict)  # the method's parameters
-    policy: str | None = None  # policy JSON (per-layer modes); its method wins over `attention`
+    attention_config: dict[str, Any] = field(default_factory=dict)  # the method's parameters ({method: {...}} per method)
+    policy: str | None = None  # policy JSON (per-layer methods and modes); wins over `attention`
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     attention_impl: str = "auto"  # auto | torch | triton
@@ -79,9 +79,10 @@ def add_engine_arguments(parser) -> None:
     g.add_argument("--attention", default="dense", choices=["dense", "superlinear", "hylra", "routing"],
                    help="attention method for every layer (a --policy file overrides it)")
     g.add_argument("--attention-config", type=_json_object, default={}, metavar="JSON",
-                   help="the method's parameters as a JSON object, e.g. '{\"num_spans\": 3, \"sw_index\": 63}'")
+                   help="the method's parameters as a JSON object, e.g. '{\"num_spans\": 3, \"sw_index\": 63}'; "
+                        "with a policy that mixes methods, per method: '{\"hylra\": {\"topk_tokens\": 4096}}'")
     g.add_argument("--policy", default=None, metavar="FILE",
-                   help="per-layer policy JSON (from `longserve profile`): full/compute/reuse per layer")
+                   help="per-layer policy JSON (from `longserve profile`): method and full/compute/reuse per layer")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weights and KV-cache dtype (auto: float32 on CPU; on GPU the checkpoint's float16 or "
