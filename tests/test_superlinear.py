@@ -411,25 +411,8 @@ class PagedScenario:
             yield work
 
     def meta(self, work):
-        bs = self.bs
-        positions, slots, qlens, ctx = [], [], [], []
-        for i, first, n in work:
-            pos = torch.arange(first, first + n)
-            table = torch.tensor(self.tables[i])
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            qlens.append(n)
-            ctx.append(first + n)
-        width = max(len(self.tables[i]) for i, _, _ in work)
-        tables = torch.zeros(len(work), width, dtype=torch.int32)
-        for row, (i, _, _) in enumerate(work):
-            tables[row, : len(self.tables[i])] = torch.tensor(self.tables[i], dtype=torch.int32)
-        qsl = torch.tensor([0] + qlens).cumsum(0).to(torch.int32)
-        dev = self.device
-        return AttentionMetadata(positions=torch.cat(positions).to(dev), slot_mapping=torch.cat(slots).to(dev),
-                                 block_tables=tables.to(dev), context_lens=torch.tensor(ctx, dtype=torch.int32).to(dev),
-                                 query_start_loc=qsl.to(dev), block_size=bs, context_lens_cpu=ctx,
-                                 query_lens_cpu=qlens, seq_ids=[i for i, _, _ in work])
+        return AttentionMetadata.for_step([self.tables[i] for i, _, _ in work], [first + n for _, first, n in work],
+                                          [n for _, _, n in work], self.bs, self.device, [i for i, _, _ in work])
 
     def tensors(self, work):
         def cat(xs):
@@ -462,7 +445,11 @@ PAGED_PARAMS = dict(sw_index=3, num_spans=3, backward_factor=2.0, forward_factor
 
 @pytest.mark.parametrize("search,combine", [("summary", "union"), ("summary", "gate"), ("anchor", "gate"),
                                             ("anchor", "union")])
-def test_paged_backend_equals_functional(search, combine):
+@pytest.mark.parametrize("path", ["gathered", "contiguous"])
+def test_paged_backend_equals_functional(search, combine, path, monkeypatch):
+    """path: the CPU path reads the attended keys one by one ("gathered"), or runs one masked attention over
+    the contiguous keys ("contiguous": union, and tiles without any stripe)."""
+    monkeypatch.setattr(ref, "_CONTIGUOUS_FACTOR", 0 if path == "gathered" else 10 ** 9)
     sc = PagedScenario([150, 97, 61, 203], seed=3)
     params = dict(PAGED_PARAMS, search=search, combine=combine)
     backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch")))

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from ..base import BackendError
+from . import dense as dense_ref
 
 COMBINES = ("gate", "union")
 SEARCHES = ("anchor", "summary")
@@ -462,9 +463,51 @@ def paged_span_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     values = paged_rows(v_cache, block_table)
     out = torch.empty(hq, m, d, dtype=q.dtype, device=q.device)
     for s, e, sel, sw_start in spans.tiles:
-        out[:, s:e] = attend_gathered(q[:, s:e], keys, values, positions[s:e], sel, sw_start, combine,
-                                      scale).to(q.dtype)
+        pos = positions[s:e]
+        visible = int(pos.max()) + 1
+        if (combine == "union" or not bool(sel.valid.any())) and \
+                visible <= _CONTIGUOUS_FACTOR * _attended_bound(sel, sw_start, pos):
+            # Short contexts (and tiles without any stripe, which attend causally to [0, q] in both modes): one
+            # fused masked attention over the contiguous keys costs less than gathering every attended key per
+            # query and head.
+            k_ctx, v_ctx = (dense_ref.gather_kv(c, block_table, visible) for c in (k_cache, v_cache))
+            out[:, s:e] = attend_union_contiguous(q[:, s:e], k_ctx, v_ctx, pos, sel, sw_start, scale).to(q.dtype)
+        else:
+            out[:, s:e] = attend_gathered(q[:, s:e], keys, values, pos, sel, sw_start, combine, scale).to(q.dtype)
     return out
+
+
+# The contiguous union path is taken while the visible keys are at most this many times the attended ones
+# (a gathered key costs several times a key of a dense masked product on the CPU).
+_CONTIGUOUS_FACTOR = 4
+
+
+def _attended_bound(sel: Selection, sw_start: torch.Tensor, positions: torch.Tensor) -> int:
+    """An upper bound of the keys one query of the tile attends (window plus its spans)."""
+    spans = torch.where(sel.valid, sel.ends - sel.starts + 1, torch.zeros_like(sel.starts)).sum(-1)
+    return int((positions.to(torch.int64) - sw_start + 1).max()) + int(spans.max())
+
+
+def attend_union_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                            sel: Selection, sw_start: torch.Tensor, scale: float) -> torch.Tensor:
+    """Union span attention as one masked SDPA over contiguous keys k/v [Hkv, N, D] at positions 0..N-1.
+    The span mask comes from a difference array (+1 at each span's start, -1 after its end, running sum > 0),
+    so overlapping spans count once. q [Hq, M, D]; returns [Hq, M, D] in the accumulation dtype."""
+    hq, m, _ = q.shape
+    n = k.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    key = torch.arange(n, device=q.device)
+    pos = positions.to(torch.int64)
+    first = torch.where(sel.valid, sel.starts, n)
+    after = torch.where(sel.valid, sel.ends + 1, n)
+    ones = torch.ones_like(first, dtype=torch.int32)
+    marks = torch.zeros(hq, m, n + 1, dtype=torch.int32, device=q.device)
+    marks.scatter_add_(2, first, ones).scatter_add_(2, after, -ones)
+    mask = marks.cumsum(2)[..., :n] > 0
+    mask |= ((key[None, :] >= sw_start[:, None]) & (key[None, :] <= pos[:, None]))[None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[None].to(acc), k[None].to(acc), v[None].to(acc), attn_mask=mask[None], scale=scale, enable_gqa=True)
+    return out[0]
 
 
 def paged_span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
