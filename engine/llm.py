@@ -11,8 +11,9 @@ from .sampling_params import SamplingParams
 from .sequence import RequestOutput
 
 
-def apply_chat_template(tokenizer, messages: list[dict[str, Any]]) -> list[int]:
-    """Token ids of OpenAI-style messages rendered with the model's chat template (generation prompt added)."""
+def apply_chat_template(tokenizer, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of OpenAI-style messages rendered with the model's chat template (generation prompt added);
+    tools (OpenAI tool objects) are given to templates that render them."""
     if not messages:
         raise RequestError("messages must not be empty", param="messages")
     if getattr(tokenizer, "chat_template", None) is None:
@@ -20,7 +21,7 @@ def apply_chat_template(tokenizer, messages: list[dict[str, Any]]) -> list[int]:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tokenizer.encode(text)
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
     except Exception as e:  # template errors (e.g. roles it refuses) are the caller's problem
         raise RequestError(f"the chat template rejected the messages: {e}", param="messages") from None
     if isinstance(ids, dict) or hasattr(ids, "keys"):

@@ -36,19 +36,22 @@ from pydantic import BaseModel, ValidationError
 
 from longserve import __version__
 
-from ..engine.errors import EngineError
+from ..engine.errors import EngineError, RequestError
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import CompletionOutput, RequestOutput
+from ..engine.structured_output import StructuredOutput
 from .errors import APIError, error_response, from_exception, install_handlers, validation_error
 from .metrics import ServerMetrics
 from .protocol import (REQUEST_MODELS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                       SamplingFields, TokenizeRequest)
+                       SamplingFields, TokenizeRequest, conversation)
+from .tool_calls import PARSERS, parser_for_checkpoint
 
 log = logging.getLogger("longserve.server")
 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024  # a 1M-token prompt as text or token ids fits
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 LONG_TEXT_CHARS = 20_000  # longer prompts are tokenized in a worker thread so the event loop stays responsive
+LONG_PROMPT_TOKENS = 100_000  # longer prompts are validated in a worker thread, likewise
 
 
 class ClientDisconnected(Exception):
@@ -81,7 +84,7 @@ class Generation:
     async def _pump(self, index: int, prompt: list[int], params: SamplingParams, request_id: str) -> None:
         tracker = self.state.metrics.tracker()
         try:
-            async for out in self.state.engine.generate(prompt, params, request_id):
+            async for out in self.state.engine.generate(prompt, params, request_id, validated=True):
                 tracker.observe(out)
                 self.queue.put_nowait((index, out))
             self.queue.put_nowait((index, self._FINISHED))
@@ -150,12 +153,18 @@ def sse(data: dict | str) -> str:
 
 
 class ServerState:
-    def __init__(self, engine, api_key: str | None, served_model_name: str | None, max_request_bytes: int):
+    def __init__(self, engine, api_key: str | None, served_model_name: str | None, max_request_bytes: int,
+                 tool_call_parser: str | None = None):
         from ..engine.llm import apply_chat_template  # the engine is loaded by now; keeps the import cheap
 
         self.engine = engine
         self.apply_chat_template = apply_chat_template
         self.tokenizer = engine.tokenizer
+        self.grammars = getattr(engine, "grammars", None)  # compiles structured outputs (GrammarCache)
+        self.vocab_size: int | None = getattr(engine, "vocab_size", None)
+        template = getattr(self.tokenizer, "chat_template", None)
+        self.tool_parser = PARSERS[tool_call_parser] if tool_call_parser else parser_for_checkpoint(template)
+        self.template_renders_tools = isinstance(template, str) and "tools" in template
         self.model_name = served_model_name or engine.model_name
         self.accepted_names = {self.model_name, engine.model_name}
         self.api_key = api_key
@@ -221,12 +230,34 @@ class ServerState:
             return await asyncio.to_thread(run)
         return run()
 
-    async def chat_prompt(self, req_messages: list[dict[str, str]]) -> list[int]:
+    async def chat_prompt(self, req_messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the conversation; tools (OpenAI function objects) rendered by the chat template, or
+        described in a system message in the tool parser's format when the template does not render tools."""
         if self.tokenizer is None:
             raise APIError(400, "This model has no tokenizer, so chat is unavailable.", param="messages")
+        if tools and not self.template_renders_tools:
+            req_messages = self._tools_in_messages(req_messages, tools)
+            tools = None
+        render = functools.partial(self.apply_chat_template, self.tokenizer, req_messages,
+                                   tools=[{"type": "function", "function": f} for f in tools] if tools else None)
         if sum(len(m["content"]) for m in req_messages) > LONG_TEXT_CHARS:
-            return await asyncio.to_thread(self.apply_chat_template, self.tokenizer, req_messages)
-        return self.apply_chat_template(self.tokenizer, req_messages)
+            return await asyncio.to_thread(render)
+        return render()
+
+    def _tools_in_messages(self, messages: list[dict[str, Any]], tools: list[dict]) -> list[dict[str, Any]]:
+        """For templates that know no tools: the tools in the system message, earlier calls as the model writes
+        them."""
+        prompt = self.tool_parser.tools_system_prompt(tools)
+        out = [dict(m) for m in messages]
+        if out and out[0]["role"] == "system":
+            out[0]["content"] = out[0]["content"] + "\n\n" + prompt
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+        for m in out:
+            for call in m.pop("tool_calls", None) or []:
+                written = self.tool_parser.format_call(call["function"]["name"], call["function"]["arguments"])
+                m["content"] = (m["content"] + "\n" if m["content"] else "") + written
+        return out
 
     def check_capacity(self, num_requests: int) -> None:
         cfg = self.engine.config
@@ -307,59 +338,56 @@ def chat_logprobs(state: ServerState, c: CompletionOutput, start: int, end: int)
 
 
 def prepare(state: ServerState, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
-            logprobs: int | None) -> SamplingParams:
-    """SamplingParams of the request, after every check that can refuse it before it is queued."""
-    params = req.sampling_params(max_tokens, logprobs)
+            logprobs: int | None, structured: StructuredOutput | None) -> SamplingParams:
+    """SamplingParams of the request, after every check that can refuse it before it is queued: the one
+    validation of each prompt (the engine trusts it: generate(..., validated=True)), the grammar compiled."""
+    params = req.sampling_params(max_tokens, logprobs, structured)
     for ids in prompts:
         state.engine.validate(ids, params)
     state.check_capacity(len(prompts))
     return params
 
 
-async def completions(state: ServerState, request: Request):
-    req: CompletionRequest = await state.parse(request, CompletionRequest)
-    req.check_supported()
-    raw_prompts = req.prompts()
-    prompts = [await state.encode(p) if isinstance(p, str) else p for p in raw_prompts]
-    max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
-    params = prepare(state, req, prompts, max_tokens, req.logprobs)
-    echo_texts = [""] * len(prompts)
-    if req.echo:
-        echo_texts = [p if isinstance(p, str) else state.tokenizer.decode(p) if state.tokenizer else ""
-                      for p in raw_prompts]
-    response_id = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    n = params.n
-    generation = Generation(state, request, prompts, params, response_id)
+async def prepare_async(state: ServerState, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
+                        logprobs: int | None, structured: StructuredOutput | None) -> SamplingParams:
+    """prepare, in a worker thread when it may take a while (a grammar to compile, very long prompts)."""
+    if structured is not None or sum(len(p) for p in prompts) > LONG_PROMPT_TOKENS:
+        return await asyncio.to_thread(prepare, state, req, prompts, max_tokens, logprobs, structured)
+    return prepare(state, req, prompts, max_tokens, logprobs, structured)
 
-    def choice_index(prompt_index: int, c: CompletionOutput) -> int:
-        return prompt_index * n + c.index
 
-    if not req.stream:
-        try:
-            finals: dict[int, RequestOutput] = {}
-            while (item := await generation.next()) is not None:
-                i, out = item
-                if out.finished:
-                    _check_outputs(out)
-                    finals[i] = out
-        finally:
-            await generation.close()
-        choices, completion_tokens = [], 0
-        for i in range(len(prompts)):
-            for c in finals[i].outputs:
-                completion_tokens += len(c.token_ids)
-                lp = None
-                if req.logprobs is not None:
-                    lp = completion_logprobs(state, c, 0, len(c.token_ids), len(echo_texts[i]))
-                choices.append({"index": choice_index(i, c), "text": echo_texts[i] + c.text, "logprobs": lp,
-                                "finish_reason": c.finish_reason})
-        return JSONResponse({"id": response_id, "object": "text_completion", "created": created,
-                             "model": state.model_name, "choices": choices,
-                             "usage": _usage(sum(len(p) for p in prompts), completion_tokens)})
+async def _final_outputs(generation: Generation) -> dict[int, RequestOutput]:
+    """Run a non-streaming request to the end: the final snapshot of each prompt."""
+    finals: dict[int, RequestOutput] = {}
+    try:
+        while (item := await generation.next()) is not None:
+            i, out = item
+            if out.finished:
+                _check_outputs(out)
+                finals[i] = out
+    finally:
+        await generation.close()
+    return finals
 
+
+async def _first_item(generation: Generation) -> tuple[int, RequestOutput] | None:
+    """Wait for the first snapshot before answering, so errors up to then keep their HTTP status."""
+    try:
+        return await generation.next()
+    except BaseException:
+        await generation.close()
+        raise
+
+
+async def stream_response(generation: Generation, *, envelope, prompt_tokens: int, include_usage: bool,
+                          choice_index, render) -> SSEResponse:
+    """The streaming tail both endpoints share: SSE events of each choice's new text and tokens, the usage
+    chunk, [DONE]; a failure after the first event is an error event.
+
+    envelope(choices, usage) is the chunk around a list of choices; choice_index(prompt index, output) the
+    choice's number; render(choice, prompt index, output, new text, first new token, end, first call) the
+    choice deltas to send for it (it decides whether a snapshot is worth a chunk)."""
     first = await _first_item(generation)
-    include_usage = req.include_usage
 
     async def events() -> AsyncIterator[str]:
         sent_text: dict[int, int] = {}
@@ -377,29 +405,18 @@ async def completions(state: ServerState, request: Request):
                     k = choice_index(i, c)
                     if k in finished:
                         continue
-                    prefix = echo_texts[i] if k not in sent_text else ""
+                    new_choice = k not in sent_text
                     text = c.text[sent_text.get(k, 0):]
                     start = sent_tokens.get(k, 0)
-                    end = len(c.token_ids)
-                    if not (prefix or text or c.finished or (req.logprobs is not None and end > start)):
-                        continue
-                    lp = None
-                    if req.logprobs is not None:
-                        lp = completion_logprobs(state, c, start, end, len(echo_texts[i]) + sent_text.get(k, 0))
-                    sent_text[k] = len(c.text)
-                    sent_tokens[k] = end
+                    sent_text[k], sent_tokens[k] = len(c.text), len(c.token_ids)
                     if c.finished:
                         finished.add(k)
-                    yield sse({"id": response_id, "object": "text_completion", "created": created,
-                               "model": state.model_name,
-                               "choices": [{"index": k, "text": prefix + text, "logprobs": lp,
-                                            "finish_reason": c.finish_reason}]})
+                    for choice in render(k, i, c, text, start, len(c.token_ids), new_choice):
+                        yield sse(envelope([choice]))
                 item = await generation.next()
             if include_usage:
                 tokens = sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
-                yield sse({"id": response_id, "object": "text_completion", "created": created,
-                           "model": state.model_name, "choices": [],
-                           "usage": _usage(sum(len(p) for p in prompts), tokens)})
+                yield sse(envelope([], _usage(prompt_tokens, tokens)))
             yield sse("[DONE]")
         except ClientDisconnected:
             return
@@ -412,93 +429,160 @@ async def completions(state: ServerState, request: Request):
     return SSEResponse(events())
 
 
-async def _first_item(generation: Generation) -> tuple[int, RequestOutput] | None:
-    """Wait for the first snapshot before answering, so errors up to then keep their HTTP status."""
-    try:
-        return await generation.next()
-    except BaseException:
-        await generation.close()
-        raise
+def _envelope(response_id: str, obj: str, created: int, model: str):
+    def envelope(choices: list[dict], usage: dict | None = None) -> dict:
+        body = {"id": response_id, "object": obj, "created": created, "model": model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+    return envelope
+
+
+async def completions(state: ServerState, request: Request):
+    req: CompletionRequest = await state.parse(request, CompletionRequest)
+    req.check_supported()
+    raw_prompts = req.prompts()
+    prompts = [await state.encode(p) if isinstance(p, str) else p for p in raw_prompts]
+    max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
+    params = await prepare_async(state, req, prompts, max_tokens, req.logprobs, req.structured_output())
+    echo_texts = [""] * len(prompts)
+    if req.echo:
+        echo_texts = [p if isinstance(p, str) else state.tokenizer.decode(p) if state.tokenizer else ""
+                      for p in raw_prompts]
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    envelope = _envelope(response_id, "text_completion", int(time.time()), state.model_name)
+    n = params.n
+    prompt_tokens = sum(len(p) for p in prompts)
+    generation = Generation(state, request, prompts, params, response_id)
+
+    def choice_index(prompt_index: int, c: CompletionOutput) -> int:
+        return prompt_index * n + c.index
+
+    if not req.stream:
+        finals = await _final_outputs(generation)
+        choices, completion_tokens = [], 0
+        for i in range(len(prompts)):
+            for c in finals[i].outputs:
+                completion_tokens += len(c.token_ids)
+                lp = None
+                if req.logprobs is not None:
+                    lp = completion_logprobs(state, c, 0, len(c.token_ids), len(echo_texts[i]))
+                choices.append({"index": choice_index(i, c), "text": echo_texts[i] + c.text, "logprobs": lp,
+                                "finish_reason": c.finish_reason})
+        return JSONResponse({**envelope(choices), "usage": _usage(prompt_tokens, completion_tokens)})
+
+    def render(k: int, i: int, c: CompletionOutput, text: str, start: int, end: int, new_choice: bool) -> list[dict]:
+        prefix = echo_texts[i] if new_choice else ""
+        if not (prefix or text or c.finished or (req.logprobs is not None and end > start)):
+            return []
+        lp = None
+        if req.logprobs is not None:
+            lp = completion_logprobs(state, c, start, end, len(echo_texts[i]) + len(c.text) - len(text))
+        return [{"index": k, "text": prefix + text, "logprobs": lp, "finish_reason": c.finish_reason}]
+
+    return await stream_response(generation, envelope=envelope, prompt_tokens=prompt_tokens,
+                                 include_usage=req.include_usage, choice_index=choice_index, render=render)
+
+
+def chat_structured_output(state: ServerState, req: ChatCompletionRequest) -> StructuredOutput | None:
+    """The grammar of a chat request: a call for required/named tool_choice, else response_format's.
+
+    Refuses tool_choice without tools, a named function that is not offered, and a function whose parameters
+    schema the grammar library cannot compile (each function is compiled: cached after the first time)."""
+    if req.tool_choice is not None and req.tool_choice != "none" and not req.tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    mode = req.tool_mode()
+    if mode == "none":
+        return req.structured_output()
+    functions = req.functions_offered()
+    for index, function in enumerate(functions):
+        try:
+            state.grammars.compile(state.tool_parser.call_grammar([function]))
+        except RequestError as e:
+            raise APIError(400, f"tools[{index}].function.parameters: {e}", param="tools") from None
+    if mode == "named" and not req.called_functions():
+        raise APIError(400, f"tool_choice names the function {req.tool_choice.function.name!r}, which is not in "
+                            f"tools ({', '.join(f['name'] for f in functions)})", param="tool_choice")
+    if mode in ("required", "named"):
+        return state.tool_parser.call_grammar(req.called_functions())
+    return req.structured_output()
+
+
+def chat_message(state: ServerState, mode: str, c: CompletionOutput) -> tuple[dict, str | None]:
+    """(message, finish_reason) of a finished choice; tool calls parsed out when tools are in play."""
+    if mode == "none":
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    content, calls = state.tool_parser.parse(c.text)
+    if not calls:
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    return ({"role": "assistant", "content": content, "tool_calls": [call.openai() for call in calls]},
+            "tool_calls")
 
 
 async def chat_completions(state: ServerState, request: Request):
     req: ChatCompletionRequest = await state.parse(request, ChatCompletionRequest)
     req.check_supported()  # before tokenizing: cheap refusals first
-    prompt = await state.chat_prompt(req.conversation())
+    mode = req.tool_mode()
+    if req.tools or req.response_format:  # grammars to compile: off the event loop
+        structured = await asyncio.to_thread(chat_structured_output, state, req)
+    else:
+        structured = chat_structured_output(state, req)
+    prompt = await state.chat_prompt(req.conversation(), req.functions_offered() if mode != "none" else None)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     top = (req.top_logprobs or 0) if req.logprobs else None
-    params = prepare(state, req, [prompt], max_tokens, top)
+    params = await prepare_async(state, req, [prompt], max_tokens, top, structured)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
+    envelope = _envelope(response_id, "chat.completion.chunk", int(time.time()), state.model_name)
     generation = Generation(state, request, [prompt], params, response_id)
 
     if not req.stream:
-        final = None
-        try:
-            while (item := await generation.next()) is not None:
-                if item[1].finished:
-                    _check_outputs(item[1])
-                    final = item[1]
-        finally:
-            await generation.close()
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(state, c, 0, len(c.token_ids)) if req.logprobs else None,
-                    "finish_reason": c.finish_reason} for c in final.outputs]
-        return JSONResponse({"id": response_id, "object": "chat.completion", "created": created,
-                             "model": state.model_name, "choices": choices,
+        final = (await _final_outputs(generation))[0]
+        choices = []
+        for c in final.outputs:
+            message, finish_reason = chat_message(state, mode, c)
+            choices.append({"index": c.index, "message": message, "finish_reason": finish_reason,
+                            "logprobs": chat_logprobs(state, c, 0, len(c.token_ids)) if req.logprobs else None})
+        return JSONResponse({**envelope(choices), "object": "chat.completion",
                              "usage": _usage(len(prompt), sum(len(c.token_ids) for c in final.outputs))})
 
-    first = await _first_item(generation)
-    include_usage = req.include_usage
+    shown: dict[int, int] = {}  # characters of each choice's text sent as content (tool mode holds some back)
 
-    def chunk(index: int, delta: dict, lp: dict | None, finish_reason: str | None) -> str:
-        return sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
-                    "model": state.model_name,
-                    "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]})
+    def choice(index: int, delta: dict, lp: dict | None = None, finish_reason: str | None = None) -> dict:
+        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
 
-    async def events() -> AsyncIterator[str]:
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
-        finished: set[int] = set()
-        final = None
-        try:
-            item = first
-            while item is not None:
-                out = item[1]
-                if out.finished:
-                    _check_outputs(out)
-                    final = out
-                for c in out.outputs:
-                    if c.index in finished:
-                        continue
-                    if c.index not in sent_text:  # OpenAI's first chunk of a choice carries the role
-                        sent_text[c.index] = 0
-                        yield chunk(c.index, {"role": "assistant", "content": ""}, None, None)
-                    text = c.text[sent_text[c.index]:]
-                    start, end = sent_tokens.get(c.index, 0), len(c.token_ids)
-                    if not (text or c.finished or (req.logprobs and end > start)):
-                        continue
-                    lp = chat_logprobs(state, c, start, end) if req.logprobs else None
-                    sent_text[c.index] = len(c.text)
-                    sent_tokens[c.index] = end
-                    if c.finished:
-                        finished.add(c.index)
-                    yield chunk(c.index, {"content": text} if text else {}, lp, c.finish_reason)
-                item = await generation.next()
-            if include_usage:
-                tokens = sum(len(c.token_ids) for c in final.outputs) if final else 0
-                yield sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
-                           "model": state.model_name, "choices": [], "usage": _usage(len(prompt), tokens)})
-            yield sse("[DONE]")
-        except ClientDisconnected:
-            return
-        except Exception as e:
-            yield sse(from_exception(e).body())
-            yield sse("[DONE]")
-        finally:
-            await generation.close()
+    def render(k: int, i: int, c: CompletionOutput, text: str, start: int, end: int, new_choice: bool) -> list[dict]:
+        out = [choice(k, {"role": "assistant", "content": ""})] if new_choice else []  # OpenAI's first chunk
+        lp = chat_logprobs(state, c, start, end) if req.logprobs and end > start else None
+        if mode == "none":
+            if text or c.finished or lp:
+                out.append(choice(k, {"content": text} if text else {}, lp, c.finish_reason))
+            return out
+        # Tools in play: content is streamed up to where a call may begin; calls are sent when the output ends.
+        done = shown.get(k, 0)
+        if not c.finished:
+            upto = max(done, state.tool_parser.held_from(c.text))
+            shown[k] = upto
+            if upto > done or lp:
+                out.append(choice(k, {"content": c.text[done:upto]} if upto > done else {}, lp))
+            return out
+        content, calls = state.tool_parser.parse(c.text)
+        if not calls:
+            rest = c.text[done:]
+            out.append(choice(k, {"content": rest} if rest else {}, lp, c.finish_reason))
+            return out
+        rest = (content or "")[done:]
+        if rest or lp:
+            out.append(choice(k, {"content": rest} if rest else {}, lp))
+        for index, call in enumerate(calls):  # as OpenAI streams them: id and name first, then the arguments
+            out.append(choice(k, {"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                                  "function": {"name": call.name, "arguments": ""}}]}))
+            out.append(choice(k, {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}))
+        out.append(choice(k, {}, None, "tool_calls"))
+        return out
 
-    return SSEResponse(events())
+    return await stream_response(generation, envelope=envelope, prompt_tokens=len(prompt),
+                                 include_usage=req.include_usage, choice_index=lambda i, c: c.index, render=render)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -521,11 +605,13 @@ def answer_errors(endpoint):
 
 
 def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
-    """The FastAPI app around a running AsyncEngine (the caller owns the engine and shuts it down)."""
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, tool_call_parser: str | None = None) -> FastAPI:
+    """The FastAPI app around a running AsyncEngine (the caller owns the engine and shuts it down).
+
+    tool_call_parser: hermes or llama3_json; None: chosen from the checkpoint's chat template."""
     app = FastAPI(title="longserve", version=__version__,
                   description="OpenAI-compatible API over the longserve engine.")
-    state = ServerState(engine, api_key, served_model_name, max_request_bytes)
+    state = ServerState(engine, api_key, served_model_name, max_request_bytes, tool_call_parser)
     app.state.longserve = state
     install_handlers(app)
 
@@ -591,8 +677,7 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
         else:
             if not req.messages:
                 raise APIError(400, "messages must not be empty", param="messages")
-            tokens = await state.chat_prompt(
-                [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages])
+            tokens = await state.chat_prompt(conversation(req.messages))
         return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
 
     @app.post("/detokenize", openapi_extra=body_doc(DetokenizeRequest))
@@ -650,6 +735,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish before failing them (default 30)")
+    g.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help="how tool calls are written in the model's output: hermes (Qwen2.5/Qwen3 <tool_call> "
+                        "JSON) or llama3_json (Llama 3.1+ JSON calls) (default: chosen from the chat template)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="log verbosity (default info)")
     add_engine_arguments(p)
@@ -717,7 +805,7 @@ def run(args) -> int:
     engine = AsyncEngine(config_from_args(args))
     try:
         app = create_app(engine, api_key=api_key, served_model_name=args.served_model_name,
-                         max_request_bytes=args.max_request_bytes)
+                         max_request_bytes=args.max_request_bytes, tool_call_parser=args.tool_call_parser)
         state: ServerState = app.state.longserve
         log.info("serving %s on http://%s:%d (max_model_len %d%s)", state.model_name, host, port,
                  engine.max_model_len, ", API key required" if api_key else "")

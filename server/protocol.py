@@ -3,21 +3,60 @@
 Types are strict (a string is not a number, 1.0 is not an integer, NaN and infinities are refused) so a
 wrong type is a 400 naming the field rather than a silently converted value. Unknown fields are ignored,
 as OpenAI does; known OpenAI fields this server cannot honour are refused with a 400 that names them
-(``unsupported_fields``). Ranges are checked once, by SamplingParams, so the engine and the server agree.
+(``unsupported_fields``). Ranges are checked once, by SamplingParams, so the engine and the server agree;
+the OpenAPI document states them too (``_doc``: JSON-schema keywords that are documentation only), and the
+server fills in the model's limits (token ids: ``x-token-id``) when it serves /openapi.json.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+import json
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, field_validator
 
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import LOGIT_BIAS_MAX, SamplingParams
+from ..engine.structured_output import StructuredOutput
 
 _CONFIG = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 # seed range accepted by torch generators after the engine's mixing; wider ints are a client bug.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+TOKEN_ID = "x-token-id"  # marks token-id integers in the schema; the server adds their maximum (vocabulary - 1)
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+
+
+def _doc(**keywords) -> dict:
+    """JSON-schema keywords for the OpenAPI document only (SamplingParams does the checking)."""
+    return {"json_schema_extra": keywords}
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    name: str = Field(..., pattern=NAME_PATTERN)
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema", description="the JSON schema; omitted: any "
+                                              "JSON object")
+    strict: Optional[bool] = None
+
+
+class TextFormat(BaseModel):
+    model_config = _CONFIG
+    type: Literal["text"]
+
+
+class JSONObjectFormat(BaseModel):
+    model_config = _CONFIG
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(BaseModel):
+    model_config = _CONFIG
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[Union[TextFormat, JSONObjectFormat, JSONSchemaResponseFormat], Discriminator("type")]
 
 
 class StreamOptions(BaseModel):
@@ -31,36 +70,57 @@ class SamplingFields(BaseModel):
     model_config = _CONFIG
 
     model: Optional[str] = Field(None, description="served model name; omitted: the served model")
-    max_tokens: Optional[int] = Field(None, description="most tokens to generate")
-    temperature: Optional[float] = Field(None, description="0 = greedy; default 1")
-    top_p: Optional[float] = None
-    top_k: Optional[int] = Field(None, description="-1 or 0: off")
-    min_p: Optional[float] = None
-    n: Optional[int] = Field(None, description="completions per prompt")
-    stop: Optional[Union[str, list[str]]] = None
-    stop_token_ids: Optional[list[int]] = None
+    max_tokens: Optional[int] = Field(None, description="most tokens to generate", **_doc(minimum=1))
+    temperature: Optional[float] = Field(None, description="0 = greedy; default 1", **_doc(minimum=0, maximum=100))
+    top_p: Optional[float] = Field(None, **_doc(exclusiveMinimum=0, maximum=1))
+    top_k: Optional[int] = Field(None, description="-1 or 0: off", **_doc(minimum=-1))
+    min_p: Optional[float] = Field(None, **_doc(minimum=0, maximum=1))
+    n: Optional[int] = Field(None, description="completions per prompt", **_doc(minimum=1, maximum=128))
+    stop: Optional[Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                                          Field(max_length=16)]]] = None
+    stop_token_ids: Optional[list[Annotated[int, Field(**_doc(minimum=0, **{TOKEN_ID: True}))]]] = None
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    repetition_penalty: Optional[float] = None
+    stream_options: Optional[StreamOptions] = Field(None, description="only with stream: true")
+    presence_penalty: Optional[float] = Field(None, **_doc(minimum=-2, maximum=2))
+    frequency_penalty: Optional[float] = Field(None, **_doc(minimum=-2, maximum=2))
+    repetition_penalty: Optional[float] = Field(None, **_doc(exclusiveMinimum=0, maximum=100))
     ignore_eos: Optional[bool] = False
-    min_tokens: Optional[int] = None
+    min_tokens: Optional[int] = Field(None, description="at most max_tokens", **_doc(minimum=0))
     include_stop_str_in_output: Optional[bool] = False
     skip_special_tokens: Optional[bool] = True
     user: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = Field(
+        None, description="token id (as a string) -> bias in [-100, 100] added to its logit",
+        **_doc(propertyNames={"pattern": r"^(0|[1-9][0-9]{0,9})$"},
+               additionalProperties={"type": "number", "minimum": -LOGIT_BIAS_MAX, "maximum": LOGIT_BIAS_MAX}))
+    response_format: Optional[ResponseFormat] = Field(
+        None, description="json_object: the output is a JSON object; json_schema: JSON valid for the schema")
     # Known OpenAI fields this server cannot honour; a value that asks for them is refused.
-    logit_bias: Optional[dict[str, Any]] = None
-    best_of: Optional[int] = None
+    best_of: Optional[int] = Field(None, description="only best_of == n")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids written as decimal integers, got {key!r}")
+        return value
+
+    def structured_output(self) -> StructuredOutput | None:
+        """What response_format asks the output to be (None: free text)."""
+        fmt = self.response_format
+        if isinstance(fmt, JSONObjectFormat):
+            return StructuredOutput.json()
+        if isinstance(fmt, JSONSchemaResponseFormat):
+            return StructuredOutput.json(fmt.json_schema.schema_)
+        return None
 
     def check_supported(self) -> None:
         from .errors import APIError
 
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise APIError(400, "best_of is not supported by this server (only best_of == n)", param="best_of")
         for name, why in self.unsupported_fields():
@@ -69,7 +129,8 @@ class SamplingFields(BaseModel):
     def unsupported_fields(self) -> list[tuple[str, str]]:
         return []
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        structured_output: StructuredOutput | None) -> SamplingParams:
         """SamplingParams of this request (raises RequestError naming the field for out-of-range values)."""
         def pick(value, default):
             return default if value is None else value
@@ -83,19 +144,25 @@ class SamplingFields(BaseModel):
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=bool(self.ignore_eos), logprobs=logprobs,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
-            skip_special_tokens=pick(self.skip_special_tokens, True))
+            skip_special_tokens=pick(self.skip_special_tokens, True),
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            structured_output=structured_output)
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-PromptType = Union[str, list[str], list[int], list[list[int]]]
+TokenId = Annotated[int, Field(**_doc(minimum=0, **{TOKEN_ID: True}))]
+PromptType = Union[Annotated[str, Field(min_length=1)], Annotated[list[str], Field(min_length=1)],
+                   Annotated[list[TokenId], Field(min_length=1)],
+                   Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]]
 
 
 class CompletionRequest(SamplingFields):
     prompt: PromptType = Field(..., description="a string, a list of strings, token ids, or a list of token-id lists")
-    logprobs: Optional[int] = Field(None, description="top logprobs per token (0..20)")
+    logprobs: Optional[int] = Field(None, description="top logprobs per token (0..20); not with echo",
+                                    **_doc(minimum=0, maximum=20))
     echo: Optional[bool] = False
     suffix: Optional[str] = None
 
@@ -143,13 +210,13 @@ class TextPart(BaseModel):
     text: Optional[str] = None
 
 
-class ChatMessage(BaseModel):
-    model_config = _CONFIG
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Optional[Union[str, list[TextPart]]] = None
-    name: Optional[str] = None
+Content = Union[str, list[TextPart]]
 
-    @field_validator("content", mode="before")
+
+class _Message(BaseModel):
+    model_config = _CONFIG
+
+    @field_validator("content", mode="before", check_fields=False)
     @classmethod
     def _content_shape(cls, value: Any) -> Any:
         if value is None or isinstance(value, str):
@@ -166,55 +233,106 @@ class ChatMessage(BaseModel):
         return value
 
     def text(self) -> str:
-        if self.content is None:
+        content = getattr(self, "content", None)
+        if content is None:
             return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text or "" for part in self.content)
+        if isinstance(content, str):
+            return content
+        return "".join(part.text or "" for part in content)
 
 
-class ResponseFormat(BaseModel):
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+    content: Content
+    name: Optional[str] = None
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+    name: Optional[str] = None
+
+
+class FunctionCall(BaseModel):
     model_config = _CONFIG
-    type: str
+    name: str
+    arguments: str = Field(..., description="JSON text of the arguments")
+
+
+class AssistantToolCall(BaseModel):
+    model_config = _CONFIG
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: Optional[Content] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[AssistantToolCall]] = None
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+ChatMessage = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage], Discriminator("role")]
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _CONFIG
+    name: str = Field(..., pattern=NAME_PATTERN)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = Field(None, description="JSON schema of the arguments object")
+    strict: Optional[bool] = None
+
+
+class Tool(BaseModel):
+    model_config = _CONFIG
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = _CONFIG
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _CONFIG
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(..., description="the conversation (system/developer/user/assistant)")
-    max_completion_tokens: Optional[int] = Field(None, description="alias of max_tokens (wins if both given)")
+    messages: list[ChatMessage] = Field(..., min_length=1,
+                                        description="the conversation (system/developer/user/assistant/tool)")
+    max_completion_tokens: Optional[int] = Field(None, description="alias of max_tokens (wins if both given)",
+                                                 **_doc(minimum=1))
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = Field(None, description="alternatives per token (0..20); needs logprobs")
+    top_logprobs: Optional[int] = Field(None, description="alternatives per token (0..20); needs logprobs",
+                                        **_doc(minimum=0, maximum=20))
+    tools: Optional[list[Tool]] = Field(None, description="functions the model may call")
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = Field(
+        None, description="none: never call; auto (default with tools): the model decides; required: one call; "
+                          "a named function: a call to it. Needs tools unless none")
+    parallel_tool_calls: Optional[bool] = None
     # Known OpenAI fields that this server cannot honour.
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Union[str, dict[str, Any]]] = None
     functions: Optional[list[Any]] = None
     function_call: Optional[Union[str, dict[str, Any]]] = None
-    response_format: Optional[ResponseFormat] = None
     audio: Optional[dict[str, Any]] = None
     modalities: Optional[list[str]] = None
     prediction: Optional[dict[str, Any]] = None
 
-    @field_validator("messages")
-    @classmethod
-    def _not_empty(cls, value: list[ChatMessage]) -> list[ChatMessage]:
-        if not value:
-            raise ValueError("messages must not be empty")
-        for m in value:
-            if m.content is None and m.role != "assistant":
-                raise ValueError(f"a {m.role} message needs content")
-        return value
-
     def unsupported_fields(self) -> list[tuple[str, str]]:
         out = []
-        if self.tools:
-            out.append(("tools", " (no tool calling)"))
-        if self.tool_choice not in (None, "none", "auto"):
-            out.append(("tool_choice", " (no tool calling)"))
         if self.functions:
             out.append(("functions", " (no function calling)"))
         if self.function_call not in (None, "none", "auto"):
             out.append(("function_call", " (no function calling)"))
-        if self.response_format is not None and self.response_format.type != "text":
-            out.append(("response_format", f" (type {self.response_format.type!r}; only 'text')"))
         if self.audio is not None:
             out.append(("audio", ""))
         if self.modalities is not None and any(m != "text" for m in self.modalities):
@@ -225,23 +343,63 @@ class ChatCompletionRequest(SamplingFields):
             out.append(("top_logprobs", " without logprobs=true"))
         return out
 
-    def conversation(self) -> list[dict[str, str]]:
-        """Messages as the chat template wants them (developer -> system: templates know system)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def tool_mode(self) -> str:
+        """none (no tools in play), auto, required, or named."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def functions_offered(self) -> list[dict]:
+        return [t.function.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def called_functions(self) -> list[dict]:
+        """The functions a required or named tool_choice allows."""
+        functions = self.functions_offered()
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [f for f in functions if f["name"] == self.tool_choice.function.name]
+        return functions
+
+    def conversation(self) -> list[dict[str, Any]]:
+        return conversation(self.messages)
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates want them: developer -> system (templates know system), text content, tool
+    calls with their arguments as objects (templates serialise them), tool results with their call id."""
+    out = []
+    for m in messages:
+        message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if isinstance(m, AssistantMessage) and m.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments_object(c.function.arguments)}}
+                for c in m.tool_calls]
+        if isinstance(m, ToolMessage):
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
+    return out
+
+
+def _arguments_object(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 class TokenizeRequest(BaseModel):
     model_config = _CONFIG
     model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None
+    prompt: Optional[str] = Field(None, description="exactly one of prompt and messages")
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
     add_special_tokens: Optional[bool] = True
 
 
 class DetokenizeRequest(BaseModel):
     model_config = _CONFIG
     model: Optional[str] = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 REQUEST_MODELS = {

@@ -46,7 +46,7 @@ class StubEngine:
     def validate(self, prompt, params):
         pass
 
-    async def generate(self, prompt, params, request_id):
+    async def generate(self, prompt, params, request_id, validated=False):
         metrics = RequestMetrics(first_token_time=time.monotonic())
         for step in range(3):
             if self.failure is not None and step == self.fail_after:
