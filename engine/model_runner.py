@@ -73,42 +73,19 @@ class ModelRunner:
     # -- one step -----------------------------------------------------------------------------------------
     def build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
         """Flatten the step's tokens; return input ids, metadata and the row of each sampled sequence."""
-        bs = self.block_size
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens, context_lens, seq_ids, sample_rows = [], [], [], []
-        max_blocks = max(len(s.seq.block_table) for s in scheduled)
-        tables = torch.zeros((len(scheduled), max_blocks), dtype=torch.int32)
-        for i, item in enumerate(scheduled):
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_tokens
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            tables[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
-            query_lens.append(item.num_tokens)
-            context_lens.append(end)
-            seq_ids.append(seq.seq_id)
+        sample_rows = []
+        for item in scheduled:
+            start = item.seq.num_computed_tokens
+            input_ids.extend(item.seq.token_ids[start:start + item.num_tokens])
             if item.samples:
                 sample_rows.append(len(input_ids) - 1)
-        dev = self.device
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
-        meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=tables.to(dev),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            block_size=bs,
-            context_lens_cpu=context_lens,
-            query_lens_cpu=query_lens,
-            seq_ids=seq_ids,
-        )
-        return torch.tensor(input_ids, dtype=torch.long, device=dev), meta, sample_rows
+        meta = AttentionMetadata.for_step(
+            [item.seq.block_table for item in scheduled],
+            [item.seq.num_computed_tokens + item.num_tokens for item in scheduled],
+            [item.num_tokens for item in scheduled], self.block_size, self.device,
+            [item.seq.seq_id for item in scheduled])
+        return torch.tensor(input_ids, dtype=torch.long, device=self.device), meta, sample_rows
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:

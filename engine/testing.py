@@ -134,20 +134,7 @@ def make_caches(config, num_blocks: int, block_size: int, dtype: torch.dtype = t
 def single_sequence_metadata(block_table: list[int], start: int, end: int, block_size: int,
                              device: torch.device | str = "cpu", seq_id: int = 0) -> AttentionMetadata:
     """Metadata for one sequence whose tokens start..end-1 are computed in this step (start..0 already cached)."""
-    positions = torch.arange(start, end, dtype=torch.long)
-    table = torch.tensor(block_table, dtype=torch.int32)
-    slots = table[positions // block_size].long() * block_size + positions % block_size
-    return AttentionMetadata(
-        positions=positions.to(device),
-        slot_mapping=slots.to(device),
-        block_tables=table[None].to(device),
-        context_lens=torch.tensor([end], dtype=torch.int32, device=device),
-        query_start_loc=torch.tensor([0, end - start], dtype=torch.int32, device=device),
-        block_size=block_size,
-        context_lens_cpu=[end],
-        query_lens_cpu=[end - start],
-        seq_ids=[seq_id],
-    )
+    return AttentionMetadata.for_step([block_table], [end], [end - start], block_size, device, [seq_id])
 
 
 @torch.inference_mode()

@@ -15,7 +15,7 @@ absolute position context_len - query_len + i (causal: it sees keys 0 .. that po
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -34,6 +34,37 @@ class AttentionMetadata:
     context_lens_cpu: list[int] = field(default_factory=list)
     query_lens_cpu: list[int] = field(default_factory=list)
     seq_ids: list[int] = field(default_factory=list)  # engine sequence ids (for per-sequence state)
+
+    @classmethod
+    def for_step(cls, block_tables: Sequence[Any], context_lens: Sequence[int], query_lens: Sequence[int],
+                 block_size: int, device: torch.device | str = "cpu", seq_ids: Sequence[int] | None = None
+                 ) -> "AttentionMetadata":
+        """The metadata of a step in which sequence i computes the last query_lens[i] of its context_lens[i]
+        tokens (positions context - query .. context - 1), whose keys and values go to the slots of its block
+        table (block_tables[i]: physical block ids, a list or a tensor; rows may be padded). The one builder,
+        shared by the model runner, the test helpers, the profiler and the kernels' tests."""
+        ctx = [int(c) for c in context_lens]
+        qlens = [int(n) for n in query_lens]
+        if not len(block_tables) == len(ctx) == len(qlens):
+            raise ValueError(f"{len(block_tables)} block tables, {len(ctx)} context lengths and {len(qlens)} "
+                             "query lengths: give one of each per sequence")
+        rows = [torch.as_tensor(t, dtype=torch.long).reshape(-1).cpu() for t in block_tables]
+        tables = torch.zeros((len(rows), max((r.numel() for r in rows), default=0)), dtype=torch.int32)
+        positions, slots = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+        for i, (row, c, n) in enumerate(zip(rows, ctx, qlens)):
+            if not 0 <= n <= c or -(-c // block_size) > row.numel():
+                raise ValueError(f"sequence {i}: {n} new of {c} tokens do not fit its {row.numel()} blocks of "
+                                 f"{block_size}")
+            tables[i, :row.numel()] = row
+            pos = torch.arange(c - n, c)
+            positions.append(pos)
+            slots.append(row[pos // block_size] * block_size + pos % block_size)
+        starts = torch.zeros(len(qlens) + 1, dtype=torch.int32)
+        starts[1:] = torch.tensor(qlens, dtype=torch.int64).cumsum(0)
+        return cls(positions=torch.cat(positions).to(device), slot_mapping=torch.cat(slots).to(device),
+                   block_tables=tables.to(device), context_lens=torch.tensor(ctx, dtype=torch.int32, device=device),
+                   query_start_loc=starts.to(device), block_size=block_size, context_lens_cpu=ctx,
+                   query_lens_cpu=qlens, seq_ids=list(range(len(ctx))) if seq_ids is None else list(seq_ids))
 
     @property
     def num_seqs(self) -> int:

@@ -298,18 +298,13 @@ def run_model(model: Any, token_ids: list[int], backend: RecordingBackend, num_l
     shape = (nb, num_kv_heads, bs, head_dim)
     caches = [LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
               for _ in range(num_layers)]
-    table = torch.arange(nb, dtype=torch.int32, device=device)[None]
+    table = torch.arange(nb)
     ids = torch.tensor(token_ids, dtype=torch.long, device=device)
     for start in range(0, len(token_ids), cfg.chunk_tokens):
         end = min(len(token_ids), start + cfg.chunk_tokens)
-        positions = torch.arange(start, end, dtype=torch.long, device=device)
-        meta = AttentionMetadata(
-            positions=positions, slot_mapping=positions.clone(), block_tables=table,
-            context_lens=torch.tensor([end], dtype=torch.int32, device=device),
-            query_start_loc=torch.tensor([0, end - start], dtype=torch.int32, device=device), block_size=bs,
-            context_lens_cpu=[end], query_lens_cpu=[end - start], seq_ids=[0])
+        meta = AttentionMetadata.for_step([table], [end], [end - start], bs, device)
         with torch.inference_mode():
-            model(ids[start:end], positions, caches, meta, backend, StepState())
+            model(ids[start:end], meta.positions, caches, meta, backend, StepState())
         on_tokens(end - start)
 
 

@@ -117,19 +117,8 @@ class Case:
             ref_dense.write_kv(cache.k, cache.v, torch.cat(past_k), torch.cat(past_v), slots)
             ref.update_block_summaries(cache.k, cache.aux, slots)
             self.caches.append(cache)
-        positions, slots, qlens, ctxs = [], [], [], []
-        for s, (ctx, qlen) in enumerate(seqs):
-            for p in range(ctx - qlen, ctx):
-                positions.append(p)
-                slots.append(int(tables[s, p // bs]) * bs + p % bs)
-            qlens.append(qlen)
-            ctxs.append(ctx)
-        t = len(positions)
-        self.meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.long), slot_mapping=torch.tensor(slots, dtype=torch.long),
-            block_tables=tables, context_lens=torch.tensor(ctxs, dtype=torch.int32),
-            query_start_loc=torch.tensor([0] + list(np.cumsum(qlens)), dtype=torch.int32), block_size=bs,
-            context_lens_cpu=ctxs, query_lens_cpu=qlens, seq_ids=list(range(len(seqs))))
+        self.meta = AttentionMetadata.for_step(tables, [ctx for ctx, _ in seqs], [qlen for _, qlen in seqs], bs)
+        t = self.meta.num_tokens
         self.q = [torch.randn(t, hq, d, generator=g).to(dtype) for _ in range(num_layers)]
         self.k = [torch.randn(t, hkv, d, generator=g).to(dtype) for _ in range(num_layers)]
         self.v = [torch.randn(t, hkv, d, generator=g).to(dtype) for _ in range(num_layers)]

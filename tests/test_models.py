@@ -154,17 +154,9 @@ def test_dynamic_rope_is_per_sequence_in_a_batch(tmp_path):
     from longserve.engine.testing import make_caches
     bs = 4
     caches = make_caches(model.config, 20, bs)
-    tables = [list(range(0, 10)), list(range(10, 13))]
-    positions = torch.cat([torch.arange(40), torch.arange(10)])
-    slots = [tables[s][p // bs] * bs + p % bs for s, n in ((0, 40), (1, 10)) for p in range(n)]
-    table = torch.zeros(2, 10, dtype=torch.int32)
-    table[0], table[1, :3] = torch.tensor(tables[0]), torch.tensor(tables[1])
-    meta = AttentionMetadata(positions=positions, slot_mapping=torch.tensor(slots), block_tables=table,
-                             context_lens=torch.tensor([40, 10], dtype=torch.int32),
-                             query_start_loc=torch.tensor([0, 40, 50], dtype=torch.int32), block_size=bs,
-                             context_lens_cpu=[40, 10], query_lens_cpu=[40, 10], seq_ids=[0, 1])
+    meta = AttentionMetadata.for_step([list(range(0, 10)), list(range(10, 13))], [40, 10], [40, 10], bs)
     with torch.inference_mode():
-        hidden = model(torch.tensor(a + b), positions, caches, meta, backend, StepState())
+        hidden = model(torch.tensor(a + b), meta.positions, caches, meta, backend, StepState())
         logits = model.compute_logits(hidden)
     torch.testing.assert_close(logits[:40], alone[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(logits[40:], alone[1], atol=1e-5, rtol=0)

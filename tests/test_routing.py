@@ -50,27 +50,15 @@ class World:
 
     def step(self, chunks: dict[int, int]):
         """One step: sequence seq_id advances by chunks[seq_id] tokens. Returns (q, k, v, meta)."""
-        qs, ks, vs, pos, slots, qlens, ctxs, ids, tables = [], [], [], [], [], [], [], [], []
-        width = max(len(self.seqs[s]["blocks"]) for s in chunks)
+        qs, ks, vs = [], [], []
         for sid, n in chunks.items():
             s = self.seqs[sid]
             a, b = s["done"], s["done"] + n
             qs.append(s["q"][a:b]); ks.append(s["k"][a:b]); vs.append(s["v"][a:b])
-            pos += list(range(a, b))
-            slots += [s["blocks"][p // self.bs] * self.bs + p % self.bs for p in range(a, b)]
-            qlens.append(n); ctxs.append(b); ids.append(sid)
-            tables.append(s["blocks"] + [0] * (width - len(s["blocks"])))
             s["done"] = b
-        starts = [0]
-        for n in qlens:
-            starts.append(starts[-1] + n)
-        meta = AttentionMetadata(
-            positions=torch.tensor(pos, dtype=torch.long, device=DEVICE),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=DEVICE),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=DEVICE),
-            context_lens=torch.tensor(ctxs, dtype=torch.int32, device=DEVICE),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-            block_size=self.bs, context_lens_cpu=ctxs, query_lens_cpu=qlens, seq_ids=ids)
+        meta = AttentionMetadata.for_step([self.seqs[sid]["blocks"] for sid in chunks],
+                                          [self.seqs[sid]["done"] for sid in chunks], list(chunks.values()), self.bs,
+                                          DEVICE, list(chunks))
         return torch.cat(qs).to(DEVICE), torch.cat(ks).to(DEVICE), torch.cat(vs).to(DEVICE), meta
 
     def dense(self, q, meta):
