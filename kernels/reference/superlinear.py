@@ -28,8 +28,9 @@ from typing import Callable
 
 import torch
 
-from ..base import BackendError
+from ..params import choice_param, int_param, number_param
 from . import dense as dense_ref
+from .block_summaries import block_bounds, quest_bound
 
 COMBINES = ("gate", "union")
 SEARCHES = ("anchor", "summary")
@@ -50,30 +51,15 @@ class SpanParams:
     search: str = "anchor"
 
     def __post_init__(self) -> None:
-        def number(name: str) -> float:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise BackendError(f"superlinear: {name} must be a finite number, got {value!r}")
-            return float(value)
-
-        for name in ("sw_index", "num_spans"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise BackendError(f"superlinear: {name} must be an integer, got {value!r}")
-        if self.sw_index < 0:
-            raise BackendError(f"superlinear: sw_index must be >= 0, got {self.sw_index}")
-        if self.num_spans < 1:
-            raise BackendError(f"superlinear: num_spans must be >= 1, got {self.num_spans}")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        int_param("superlinear", values, "sw_index", 0)
+        int_param("superlinear", values, "num_spans", 1)
         for name in ("search_power", "span_power"):
-            if not 0.0 < number(name) < 1.0:
-                raise BackendError(f"superlinear: {name} must lie strictly between 0 and 1, got {getattr(self, name)!r}")
+            number_param("superlinear", values, name, 0.0, 1.0, open_low=True, open_high=True)
         for name in ("backward_factor", "forward_factor"):
-            if number(name) < 0.0:
-                raise BackendError(f"superlinear: {name} must be >= 0, got {getattr(self, name)!r}")
-        if self.combine not in COMBINES:
-            raise BackendError(f"superlinear: combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
-        if self.search not in SEARCHES:
-            raise BackendError(f"superlinear: search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+            number_param("superlinear", values, name, 0.0)
+        choice_param("superlinear", values, "combine", COMBINES)
+        choice_param("superlinear", values, "search", SEARCHES)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -182,35 +168,14 @@ def span_geometry(positions: torch.Tensor, params: SpanParams, num_stripes: int)
 
 # ------------------------------------------------------------------------------------------- search
 
-def block_bounds(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block elementwise min and max of keys k [Hkv, N, D] over blocks of block_size keys (the last
-    block may be partial): ([Hkv, nb, D], [Hkv, nb, D])."""
-    hkv, n, d = k.shape
-    nb = (n + block_size - 1) // block_size
-    pad = nb * block_size - n
-    kf = k.float() if k.dtype != torch.float64 else k
-    lo = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("inf")).view(hkv, nb, block_size, d).amin(2)
-    hi = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("-inf")).view(hkv, nb, block_size, d).amax(2)
-    return lo, hi
-
-
-def block_upper_bounds(qs: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """Quest bound max_{k in block} q.k <= sum_d max(q_d kmin_d, q_d kmax_d) = relu(q) . kmax + min(q, 0) . kmin
-    (a positive q_d takes kmax_d, a negative one kmin_d). qs [Hq, M, D], kmin/kmax [Hkv, nb, D] -> [Hq, M, nb]."""
-    hq, m, d = qs.shape
-    hkv = kmin.shape[0]
-    qg = qs.reshape(hkv, (hq // hkv) * m, d)
-    ub = torch.bmm(qg.clamp_min(0), kmax.transpose(1, 2)) + torch.bmm(qg.clamp_max(0), kmin.transpose(1, 2))
-    return ub.reshape(hq, m, -1)
-
-
 def range_max(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """max(values[..., lo:hi+1]) along the last axis for index tensors lo/hi [..., S] (same leading shape
-    as values), via a sparse table (log2 levels of doubling maxima)."""
+    as values), via a sparse table (log2 levels of doubling maxima, only up to the longest range asked)."""
     n = values.shape[-1]
+    longest = int((hi - lo + 1).max()) if lo.numel() else 1
     levels = [values]
     width = 1
-    while 2 * width <= n:
+    while 2 * width <= min(n, longest):
         prev = levels[-1]
         shifted = torch.nn.functional.pad(prev[..., width:], (0, width), value=float("-inf"))
         levels.append(torch.maximum(prev, shifted))
@@ -278,7 +243,7 @@ def search_scores(qs: torch.Tensor, k: torch.Tensor | KeyRows, geom: SpanGeometr
                 raise ValueError("summary search over a key source needs the block bounds")
             bounds = block_bounds(k, block_size)
         kmin, kmax = (b.to(acc) for b in bounds)
-        ub = block_upper_bounds(qf, kmin, kmax)  # [Hq, M, nb]
+        ub = quest_bound(qf, kmin, kmax)  # [Hq, M, nb]
         lo = (geom.starts // block_size)[None].expand(hq, -1, -1)
         hi = (geom.ends.clamp_min(0) // block_size)[None].expand(hq, -1, -1)
         scores = range_max(ub, lo, hi)
