@@ -26,7 +26,6 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192  # tokens per step (prefill chunk budget)
     max_waiting: int = 1024  # bound of the waiting queue (the server answers 503 past it)
     enable_prefix_caching: bool = True
-    cuda_graphs: bool = True  # capture decode steps in CUDA graphs (GPU only)
     seed: int = 0  # seeds the sampling of requests without a seed of their own
 
     def __post_init__(self) -> None:
@@ -102,7 +101,6 @@ def add_engine_arguments(parser) -> None:
     g.add_argument("--max-waiting", type=int, default=1024,
                    help="requests allowed to wait; past it the server answers 503")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached prompt prefixes")
-    g.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on GPU")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the sampling of requests that carry no seed of their own (default 0)")
 
@@ -114,4 +112,4 @@ def config_from_args(args) -> EngineConfig:
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
-        enable_prefix_caching=not args.no_prefix_caching, cuda_graphs=not args.no_cuda_graphs, seed=args.seed)
+        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)

@@ -89,3 +89,19 @@ def test_dtype_auto_is_one_rule_for_loader_and_engine(ckpt, monkeypatch):
     assert engine.dtype == torch.float16
     assert next(engine.runner.model.parameters()).dtype == torch.float16
     assert engine.runner.caches[0].k.dtype == torch.float16
+
+
+def test_every_engine_option_is_read():
+    """An option of EngineConfig (and so a CLI flag) that nothing reads promises what the engine does not do
+    (as `--seed` and `--no-cuda-graphs` once did)."""
+    import pathlib
+    import re
+    from dataclasses import fields
+
+    from longserve.engine.config import EngineConfig
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    sources = "\n".join(p.read_text() for top in ("engine", "server") for p in (root / top).rglob("*.py")
+                        if p != root / "engine" / "config.py")
+    unread = [f.name for f in fields(EngineConfig) if not re.search(rf"\.{f.name}\b", sources)]
+    assert not unread, f"engine options nothing reads: {unread}"
