@@ -138,3 +138,14 @@ def test_cli_help_does_not_import_torch():
             "assert not heavy, heavy\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_docs_speak_of_the_project_only():
+    """README and docs/ describe the project, not who wrote it or on which borrowed machine."""
+    import re
+
+    pattern = re.compile(r"this session|the session that|sessions? (?:of|that) wrote|workplace|not drawn|"
+                         r"no GPU was available|the task that wrote|helper (?:session|agent)|was lent", re.I)
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not pattern.search(line), f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
