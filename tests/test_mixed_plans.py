@@ -430,3 +430,25 @@ def test_bench_throughput_runs_policies(tmp_path, capsys):
                "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and "--policy" in err[-1] and "num_layers=3" in err[-1]
+
+
+@pytest.mark.slow  # about a minute in the Triton interpreter on a busy 2-core machine
+def test_superlinear_triton_reuse_matches_the_reference():
+    """The Triton path (interpreter on CPU) hands its spans ([T, Hq, K, 2] key ranges) to the reuse layer too:
+    compute + reuse layers equal the PyTorch path's, step by step."""
+    layers = [LayerPlan("compute"), LayerPlan("reuse", 0)]
+    params = {"sw_index": 1, "num_spans": 2}
+    outs = {}
+    for impl in ("torch", "triton"):
+        backend = PlannedBackend(AttentionPlan("superlinear", layers, dict(params, impl=impl)), impl=impl)
+        world = World(2, backend.aux_specs(HKV, D), seed=5)
+        outs[impl] = []
+        for i, chunks in enumerate([{1: 20, 2: 7}, {1: 1, 2: 1}]):  # small: the interpreter is slow
+            meta = world.step(chunks)
+            state = StepState()
+            for layer, (q, k, v) in enumerate(inputs(2, meta.num_tokens, i)):
+                outs[impl].append(backend.forward(layer, q, k, v, world.caches[layer], meta, state))
+            assert set(state.selections) == {0}
+            assert (state.selections[0].paged is not None) == (impl == "triton")
+    for got, want in zip(outs["triton"], outs["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
