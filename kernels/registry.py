@@ -92,13 +92,11 @@ class PlannedBackend:
 
 def build_backend(method: str = "dense", num_layers: int | None = None, params: dict | None = None,
                   plan: AttentionPlan | None = None, impl: str = "auto") -> PlannedBackend:
-    """A backend for `method` on every layer, or for a loaded plan (policy file). With a plan, params
-    override its parameters: {method: {...}} per method, or a flat dict for the plan's method."""
+    """A backend for `method` on every layer, or for a loaded plan (policy file). params override the plan's
+    parameters: {method: {...}} per method, or a flat dict for the plan's method."""
     if plan is None:
         if num_layers is None:
             raise ValueError("num_layers is needed when no plan is given")
         method_class(method)
-        plan = AttentionPlan.default(method, num_layers, params)
-    else:
-        plan = plan.with_params(params)
-    return PlannedBackend(plan, impl)
+        plan = AttentionPlan.default(method, num_layers)
+    return PlannedBackend(plan.with_params(params), impl)
