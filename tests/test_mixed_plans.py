@@ -452,3 +452,32 @@ def test_superlinear_triton_reuse_matches_the_reference():
             assert (state.selections[0].paged is not None) == (impl == "triton")
     for got, want in zip(outs["triton"], outs["torch"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the shipped mixed policy
+
+def test_shipped_mixed_policy_fits_the_default_model():
+    from importlib import resources
+
+    from longserve.engine.loader import resolve_model_path
+    from longserve.engine.models.decoder import ModelConfig
+
+    path = ROOT / "policies" / "smollm2-135m-instruct.mixed.json"
+    assert json.loads(path.read_text())["format"] == POLICY_FORMAT
+    plan = AttentionPlan.load(path)
+    info = ModelConfig.from_pretrained(resolve_model_path(None)).model_info()
+    plan.check_model(info)
+    assert plan.model["fingerprint"] == info["fingerprint"]
+    assert plan.methods() == ["hylra", "superlinear"]
+    chosen = plan.profile["methods"]["chosen"]
+    assert chosen == [plan.layer_method(i) for i in range(len(plan.layers))]
+    assert chosen.count("dense") == 2 and chosen.count("superlinear") > 0
+    # every superlinear layer is within the profile's error bound; the rule picked it for fewer keys
+    search = plan.profile["methods"]
+    for i, m in enumerate(chosen):
+        if m == "superlinear":
+            assert search["output_error"]["superlinear"][i] <= search["max_error"]
+            assert search["attended_share"]["superlinear"][i] < search["attended_share"]["hylra"][i]
+    backend = build_backend(plan=plan, impl="torch")
+    assert sorted(backend.aux_specs(3, 64)) == ["kmax", "kmean", "kmin"]
+    assert (resources.files("longserve.policies") / path.name).is_file()  # shipped as package data
