@@ -99,6 +99,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="needle recall per layer and head at the question and decode tokens (slower)")
     p.add_argument("--chunk", type=_positive_int, default=2048,
                    help="tokens per engine step (the prefill chunk, as --max-num-batched-tokens; default 2048)")
+    p.add_argument("--batch", type=_positive_int, default=8,
+                   help="prompts in flight at once (the KV cache is sized for them; default 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--attention-impl", default="auto", choices=["auto", "torch", "triton"])
@@ -121,12 +123,6 @@ def _fail(message: str, code: int) -> None:
 def run(args) -> int:
     if args.no_tasks:
         args.tasks = []
-    shared = args.attention_config.pop("*", None)
-    if shared is not None:
-        args.attention_config = {m: dict(shared) for m in args.attention if m != "dense"}
-    unknown = sorted(set(args.attention_config) - set(args.attention))
-    if unknown:
-        _fail(f"--attention-config names {', '.join(unknown)}, not in --attention", 2)
     try:
         from .run import run as run_eval
 

@@ -85,7 +85,8 @@ class IntervalRows:
 
     def key_sets(self, pos: int) -> list[torch.Tensor]:
         m = int((self.positions == pos).nonzero()[0, 0])
-        return [torch.unique(torch.cat([torch.arange(int(a), min(int(b), pos) + 1) for a, b in self.intervals[h, m]]))
+        return [torch.unique(torch.cat([torch.arange(int(a), max(int(a), min(int(b), pos) + 1))
+                                        for a, b in self.intervals[h, m]]))
                 for h in range(self.intervals.shape[0])]
 
 
@@ -166,7 +167,8 @@ class SelectionProbe:
         self.name = inner.name
         self.plan = inner.plan
         self.num_layers = num_layers
-        self.counts: dict[int, list[int]] = {}  # seq id -> [attended, visible]
+        # seq id -> [attended, visible] in prompt chunks, then the same in decode steps (one token per sequence)
+        self.counts: dict[int, list[int]] = {}
         self.watches: dict[int, Watch] = {}
         self.unmeasured: set[str] = set()  # selection kinds the probe could not read (reported)
 
@@ -235,10 +237,8 @@ class SelectionProbe:
                 continue
             ctx, qlen = meta.context_lens_cpu[i], meta.query_lens_cpu[i]
             first, last = ctx - qlen, ctx - 1
-            c = self.counts.setdefault(meta.seq_ids[i], [0, 0])
             v = visible_sum(first, last) * hkv
-            c[0] += v
-            c[1] += v
+            self._count(meta, i, v, v)
             w = self.watches.get(meta.seq_ids[i])
             if w is not None and last >= w.question_start:
                 lo = max(first, w.question_start)
@@ -247,9 +247,7 @@ class SelectionProbe:
                             meta, None)
         for row in rows:
             i = sparse[row.seq]  # the selection's sequence index -> the step's
-            c = self.counts.setdefault(meta.seq_ids[i], [0, 0])
-            c[0] += round(row.attended() * hkv)
-            c[1] += visible_sum(row.first_pos, row.last_pos) * hkv
+            self._count(meta, i, round(row.attended() * hkv), visible_sum(row.first_pos, row.last_pos) * hkv)
             w = self.watches.get(meta.seq_ids[i])
             if w is not None and row.last_pos >= w.question_start:
                 lo = max(row.first_pos, w.question_start)
@@ -258,6 +256,12 @@ class SelectionProbe:
                     q_rows = tokens[q_rows]
                 self._watch(layer_idx, w, i, list(range(lo, row.last_pos + 1)), q[q_rows.to(q.device)], cache,
                             meta, row)
+
+    def _count(self, meta: AttentionMetadata, i: int, attended: int, visible: int) -> None:
+        c = self.counts.setdefault(meta.seq_ids[i], [0, 0, 0, 0])
+        at = 0 if meta.query_lens_cpu[i] > 1 else 2
+        c[at] += attended
+        c[at + 1] += visible
 
     # -- needle recall --------------------------------------------------------------------------------------
     def _exact(self, q_rows: torch.Tensor, positions: list[int], cache: LayerCache, meta: AttentionMetadata,
@@ -300,6 +304,10 @@ class SelectionProbe:
                 rec.append((phase, h, recall, float(probs[m, h, ev].sum()), int(rank_of[h, ev].min()), n_sel))
 
     # -- results --------------------------------------------------------------------------------------------
-    def attended_share(self, seq_id: int) -> float | None:
+    def attended_share(self, seq_id: int, phase: str | None = None) -> float | None:
+        """Keys attended / keys visible of a sequence: in all its steps, or phase "prompt" / "decode" only."""
         c = self.counts.get(seq_id)
-        return c[0] / c[1] if c and c[1] else None
+        if not c:
+            return None
+        att, vis = {None: (c[0] + c[2], c[1] + c[3]), "prompt": (c[0], c[1]), "decode": (c[2], c[3])}[phase]
+        return att / vis if vis else None

@@ -40,20 +40,38 @@ def method_label(method: str, params: dict, policy: bool) -> str:
     return f"{label} [{inner}]" if inner else label
 
 
-def build_engine(args, method: str, max_len: int):
-    """An LLM for `method` with the eval's settings (prefix caching off: every prompt is prefilled in full,
-    so the attended share covers it; the token budget per step is --chunk)."""
-    from ..engine.llm import LLM
+def resolve_attention_config(args) -> dict[str, dict]:
+    """--attention-config as {method: params}: a flat object (parsed as {"*": ...}) applies to every sparse
+    method named; per-method objects must name methods in --attention."""
+    config = dict(args.attention_config)
+    shared = config.pop("*", None)
+    if shared is not None:
+        return {m: dict(shared) for m in args.attention if m != "dense"}
+    unknown = sorted(set(config) - set(args.attention))
+    if unknown:
+        raise EvalError(f"--attention-config names {', '.join(unknown)}, not in --attention")
+    return config
 
-    params = args.attention_config.get(method, {})
+
+def build_engine(args, method: str, max_len: int):
+    """An LLM for `method` with the eval's settings: prefix caching off (every prompt is prefilled in full, so
+    the attended share covers it), --chunk tokens per step, at most --batch prompts at once and a KV cache
+    sized for them (unless --kv-cache-memory-gb is given)."""
+    from ..engine.llm import LLM
+    from ..engine.llm_engine import resolve_device
+
+    params = resolve_attention_config(args).get(method, {})
     policy = None
     if args.policy and method != "dense" and AttentionPlan.load(args.policy).method == method:
         policy = args.policy
+    block = args.block_size or (64 if resolve_device(args.device).type == "cuda" else 16)
+    blocks = None if args.kv_cache_memory_gb else args.batch * (-(-max_len // block) + 1)
     config = EngineConfig(model=args.model, attention=method, attention_config=params, policy=policy,
                           device=args.device, dtype=args.dtype, attention_impl=args.attention_impl,
-                          max_model_len=max_len, block_size=args.block_size,
-                          kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_batched_tokens=args.chunk,
-                          enable_prefix_caching=False, cuda_graphs=False, seed=args.seed)
+                          max_model_len=max_len, block_size=block, num_kv_blocks=blocks,
+                          kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.batch,
+                          max_num_batched_tokens=args.chunk, enable_prefix_caching=False,
+                          seed=args.seed)
     llm = LLM.from_config(config)
     probe = SelectionProbe(llm.engine.backend, llm.engine.model_config.num_layers)
     llm.engine.backend = probe
@@ -92,7 +110,8 @@ def run_tasks(llm, probe: SelectionProbe, samples: list[Sample], label: str, dia
         rec = {"task": s.task, "length": s.length, "depth": s.depth, "index": s.index,
                "prompt_tokens": len(s.prompt_ids), "answers": s.answers, "output": text,
                "correct": score(s.answers, text),
-               "attended": None if probe.unmeasured else probe.attended_share(seq_id)}
+               "attended": None if probe.unmeasured else probe.attended_share(seq_id),
+               "attended_decode": None if probe.unmeasured else probe.attended_share(seq_id, "decode")}
         if diagnose:
             rec["diagnosis"] = diagnosis_of(probe, seq_id)
         records.append(rec)
@@ -134,9 +153,11 @@ def diagnosis_of(probe: SelectionProbe, seq_id: int, need: float = 0.1) -> dict[
 
 
 def summarize_diagnosis(layers: list[dict]) -> dict[str, Any]:
-    """Overall recall per phase (all heads, and the heads where dense attention needed the needle) and the
-    number of missed (query, head) pairs within and beyond the budget."""
+    """Overall recall per phase over the sparse layers (all layers for a dense run): all heads, and the heads
+    where dense attention needed the needle; the number of missed (query, head) pairs within and beyond the
+    budget."""
     out: dict[str, Any] = {}
+    layers = [row for row in layers if row["mode"] != "full"] or layers
     for phase in ("prompt", "decode"):
         entries = [h[phase] for row in layers for h in row["heads"] if phase in h]
         if not entries:
@@ -219,10 +240,9 @@ def run_fidelity(engines: dict[str, tuple], token_ids: list[int], chunk: int, sk
         tail = skip if skip is not None else local_window(probe.inner, llm.engine.runner.block_size)
         tail = min(tail, n - 2)
         kls, ags = torch.cat(kl[lb])[tail:], torch.cat(agree[lb])[tail:]
-        attended = probe.counts.get(0)
         out.append({
             "method": lb, "tokens": n, "skip": tail,
-            "attended": attended[0] / attended[1] if attended and attended[1] else None,
+            "attended": probe.attended_share(0),
             "ppl_dense": math.exp(float(nll[dense].mean())), "ppl": math.exp(float(nll[lb].mean())),
             "ppl_dense_past_window": math.exp(float(nll[dense][tail:].mean())),
             "ppl_past_window": math.exp(float(nll[lb][tail:].mean())),
@@ -284,9 +304,10 @@ def encode_text(tokenizer, text: str) -> list[int]:
 
 
 def settings_of(args, methods: list[str]) -> dict[str, Any]:
-    keys = ("model", "lengths", "depths", "samples", "seed", "tasks", "chunk", "device", "dtype", "policy",
-            "attention_config", "fidelity", "fidelity_chunk", "fidelity_skip", "diagnose")
-    return {"methods": methods, **{k: getattr(args, k) for k in keys}}
+    keys = ("model", "lengths", "depths", "samples", "seed", "tasks", "chunk", "batch", "device", "dtype",
+            "policy", "fidelity", "fidelity_chunk", "fidelity_skip", "diagnose")
+    return {"methods": methods, "attention_config": resolve_attention_config(args),
+            **{k: getattr(args, k) for k in keys}}
 
 
 def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -300,9 +321,11 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
             if not recs:
                 continue
             att = [s["attended"] for s in recs if s["attended"] is not None]
+            att_decode = [s["attended_decode"] for s in recs if s["attended_decode"] is not None]
             row = {"method": label, "length": length, "n": len(recs),
                    "accuracy": sum(s["correct"] for s in recs) / len(recs),
                    "attended": sum(att) / len(att) if att else None,
+                   "attended_decode": sum(att_decode) / len(att_decode) if att_decode else None,
                    "prompt_tokens": sum(s["prompt_tokens"] for s in recs) / len(recs),
                    "by_task": {}, "by_depth": {}}
             for key, field in (("by_task", "task"), ("by_depth", "depth")):
@@ -325,13 +348,14 @@ def format_report(result: dict[str, Any]) -> str:
     rows = result["summary"]
     if rows:
         tasks = list(dict.fromkeys(t for r in rows for t in r["by_task"]))
-        head = ["method", "length", "attended", *tasks, "accuracy"]
+        head = ["method", "length", "attended", "in decode", *tasks, "accuracy"]
         table = []
         for r in rows:
-            table.append([r["method"], _tokens(r["length"]), _pct(r["attended"]),
+            table.append([r["method"], _tokens(r["length"]), _pct(r["attended"]), _pct(r["attended_decode"]),
                           *(f"{r['by_task'][t][0]}/{r['by_task'][t][1]}" if t in r["by_task"] else "-" for t in tasks),
                           _pct(r["accuracy"])])
-        lines += ["Tasks (answers found / prompts; attended = keys attended / keys visible)", *_grid(head, table), ""]
+        lines += ["Tasks (answers found / prompts; attended = keys attended / keys visible, over the prompt and the "
+                  "answer, and in decode steps alone)", *_grid(head, table), ""]
         depths = list(dict.fromkeys(d for r in rows for d in r["by_depth"]))
         table = [[r["method"], _tokens(r["length"]),
                   *(f"{r['by_depth'][d][0]}/{r['by_depth'][d][1]}" if d in r["by_depth"] else "-" for d in depths)]

@@ -1,0 +1,241 @@
+"""`longserve eval`: task generators, exact scoring, the attended-share and needle-recall probe, fidelity, and
+the CLI end to end on a tiny random checkpoint."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from longserve.evals.probe import IntervalRows, KeyRows, SelectionProbe, attended_sum, visible_sum
+from longserve.evals.tasks import TASKS, TaskBuilder, answer_found, load_haystack_text, score
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from longserve.engine.testing import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def builder(tiny):
+    from transformers import AutoTokenizer
+
+    return TaskBuilder(AutoTokenizer.from_pretrained(str(tiny)), load_haystack_text())
+
+
+# -- tasks -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task", TASKS)
+def test_generators_are_deterministic_and_plant_each_answer_once(builder, task):
+    for depth in (0.0, 0.5, 1.0):
+        a = builder.build(task, 1200, depth, 0, seed=7)
+        b = builder.build(task, 1200, depth, 0, seed=7)
+        assert a.prompt_ids == b.prompt_ids and a.answers == b.answers
+        assert len(a.prompt_ids) <= 1200 and len(a.prompt_ids) > 1000  # filled up to the target length
+        for answer in a.answers:
+            assert a.prompt_text.count(answer) == 1
+        # the evidence positions are the needle's tokens, before the question
+        evidence = builder.tokenizer.decode([a.prompt_ids[i] for i in a.evidence_positions])
+        assert all(ans in evidence for ans in a.answers)
+        assert max(a.evidence_positions) < a.question_start < len(a.prompt_ids)
+        # the answer never leaks into the question or the answer prefix
+        tail = builder.tokenizer.decode(a.prompt_ids[a.question_start:])
+        assert not any(ans in tail for ans in a.answers)
+    other = builder.build(task, 1200, 0.5, 0, seed=8)
+    assert other.prompt_ids != a.prompt_ids
+
+
+def test_depth_moves_the_needle(builder):
+    shallow = builder.build("passkey", 1500, 0.1, 0, seed=1)
+    deep = builder.build("passkey", 1500, 0.9, 0, seed=1)
+    assert shallow.evidence_positions[0] < 0.35 * len(shallow.prompt_ids)
+    assert deep.evidence_positions[0] > 0.65 * len(deep.prompt_ids)
+
+
+def test_samples_differ_by_index_and_unknown_task_is_refused(builder):
+    assert builder.build("niah_single", 800, 0.5, 0, 0).answers != builder.build("niah_single", 800, 0.5, 1, 0).answers
+    with pytest.raises(ValueError, match="unknown task"):
+        builder.build("nope", 800, 0.5, 0, 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        builder.build("niah_multivalue", 64, 0.5, 0, 0)
+
+
+def test_scoring_is_exact():
+    assert answer_found("12345", "The pass key is 12345.")
+    assert answer_found("12345", "12345")
+    assert not answer_found("12345", "The pass key is 123456.")  # inside a longer number
+    assert not answer_found("12345", "The pass key is 012345")
+    assert not answer_found("12345", "1234 5")
+    assert not answer_found("abc", "xabc")
+    assert score(["11", "22"], "11 and 22") and not score(["11", "22"], "11 and 23")  # multi-value: all of them
+
+
+# -- probe arithmetic ------------------------------------------------------------------------------------------
+def test_attended_and_visible_sums_match_brute_force():
+    gen = random.Random(0)
+    for _ in range(50):
+        first = gen.randrange(0, 60)
+        last = first + gen.randrange(0, 20)
+        keys = torch.tensor(sorted(gen.sample(range(90), 25)))
+        brute = sum(int((keys <= p).sum()) for p in range(first, last + 1))
+        assert attended_sum(keys, first, last) == brute
+        assert visible_sum(first, last) == sum(p + 1 for p in range(first, last + 1))
+        row = KeyRows(0, 0, last - first + 1, first, last, [keys, keys[:3]])
+        assert row.attended() == pytest.approx((brute + sum(int((keys[:3] <= p).sum())
+                                                            for p in range(first, last + 1))) / 2)
+
+
+def test_interval_rows_count_the_union_of_window_and_spans():
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.arange(40, 48)
+    lo = torch.randint(0, 50, (2, 8, 4), generator=gen)
+    hi = lo + torch.randint(-3, 12, (2, 8, 4), generator=gen)  # some empty, some past the query, overlapping
+    rows = IntervalRows(0, 0, positions, torch.stack([lo, hi], -1))
+    brute = 0
+    for m, p in enumerate(positions.tolist()):
+        for h, keys in enumerate(rows.key_sets(p)):
+            expect = {k for a, b in zip(lo[h, m].tolist(), hi[h, m].tolist()) for k in range(a, min(b, p) + 1)}
+            assert set(keys.tolist()) == expect
+            brute += len(expect)
+    assert rows.attended() == pytest.approx(brute / 2)
+
+
+# -- needle recall on a planted needle -------------------------------------------------------------------------
+def _planted_run(topk_tokens: int):
+    """HyLRA (every layer compute, one layer) over a synthetic sequence whose key 100 is aligned with the last
+    query (a planted needle); the probe watches the last 4 positions. Returns the probe."""
+    from longserve.engine.testing import make_caches, single_sequence_metadata
+    from longserve.kernels.base import StepState
+    from longserve.kernels.plan import AttentionPlan
+    from longserve.kernels.registry import build_backend
+
+    hq, hkv, d, n, bs = 4, 2, 16, 256, 16
+    plan = AttentionPlan.uniform("hylra", 1, {"topk_tokens": topk_tokens, "sink_blocks": 1, "recent_blocks": 2})
+    backend = build_backend(plan=plan, impl="torch")
+    probe = SelectionProbe(backend, 1)
+    cfg = type("C", (), {"num_layers": 1, "num_kv_heads": hkv, "head_dim": d})()
+    caches = make_caches(cfg, n // bs, bs, torch.float32, "cpu", backend.aux_specs(hkv, d))
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(n, hkv, d, generator=gen) * 0.1
+    v = torch.randn(n, hkv, d, generator=gen)
+    q = torch.randn(n, hq, d, generator=gen) * 0.1
+    direction = torch.ones(d) / d ** 0.5
+    k[96:104] += 8 * direction  # the needle: one block whose keys the late queries look for
+    q[-4:] += 8 * direction
+    evidence = list(range(96, 104))
+    probe.watch(0, evidence, question_start=n - 4, prompt_len=n)
+    table = list(range(n // bs))
+    for start in range(0, n, 64):  # chunked prefill, 64 tokens per step
+        meta = single_sequence_metadata(table, start, start + 64, bs)
+        probe.forward(0, q[start:start + 64], k[start:start + 64], v[start:start + 64], caches[0], meta, StepState())
+    return probe
+
+
+def test_diagnose_recall_is_one_when_the_needle_is_selected_and_below_when_the_budget_excludes_it():
+    from longserve.evals.run import diagnosis_of
+
+    found = diagnosis_of(_planted_run(topk_tokens=128), 0)  # 8 blocks: sink, 5 local, 2 scored (the needle)
+    assert found["summary"]["prompt"]["recall"] == 1.0
+    heads = found["layers"][0]["heads"]
+    assert all(h["prompt"]["dense_mass"] > 0.5 for h in heads)  # dense attention needs the needle there
+    missed = diagnosis_of(_planted_run(topk_tokens=16), 0)  # the budget holds only the sink and recent blocks
+    summary = missed["summary"]["prompt"]
+    assert summary["recall"] == 0.0 and summary["recall_where_needed"] == 0.0
+    assert summary["missed_beyond_budget"] + summary["missed_within_budget"] == 4 * 4  # 4 queries x 4 heads
+
+
+def test_attended_share_of_a_small_budget():
+    # topk_tokens 16: each 64-query tile keeps only the sink block and its local blocks (the block before the
+    # tile and the tile's own four), counted here by brute force over every query and key
+    attended = visible = 0
+    for start in range(0, 256, 64):
+        keys = set(range(16)) | set(range(max(0, start - 16), start + 64))
+        for p in range(start, start + 64):
+            attended += sum(1 for key in keys if key <= p)
+            visible += p + 1
+    assert _planted_run(topk_tokens=16).attended_share(0) == pytest.approx(attended / visible)
+    assert _planted_run(topk_tokens=4096).attended_share(0) == pytest.approx(1.0)
+
+
+# -- end to end ------------------------------------------------------------------------------------------------
+def _eval_args(*argv):
+    from longserve.server.cli import build_parser
+
+    return build_parser().parse_args(["eval", *argv])
+
+
+def test_eval_end_to_end_on_a_tiny_checkpoint(tiny, tmp_path, capsys):
+    from longserve.evals.run import run
+
+    out = tmp_path / "eval.json"
+    args = _eval_args("--model", str(tiny), "--lengths", "640", "--depths", "0.5", "--tasks", "passkey,vt",
+                      "--attention", "hylra", "--attention-config", '{"topk_tokens": 64}', "--diagnose",
+                      "--fidelity-chunk", "128", "--chunk", "256", "--json", str(out), "--no-progress")
+    assert run(args) == 0
+    report = capsys.readouterr().out
+    assert "Tasks" in report and "Fidelity against dense" in report and "Needle recall" in report
+    result = json.loads(out.read_text())
+    assert [m["method"] for m in result["methods"]] == ["dense", "hylra"]
+    by_method = {}
+    for s in result["samples"]:
+        by_method.setdefault(s["method"].split()[0], []).append(s)
+        assert s["prompt_tokens"] <= 640 - 12
+    assert all(s["attended"] == 1.0 for s in by_method["dense"])
+    assert all(0.5 < s["attended"] < 0.95 for s in by_method["hylra"])  # layers 0, 1 dense, 2, 3 sparse
+    assert all(s["attended_decode"] < s["attended"] for s in by_method["hylra"])  # prompt tiles see their chunk
+    dense_diag = by_method["dense"][0]["diagnosis"]["summary"]
+    assert dense_diag["prompt"]["recall"] == 1.0 and dense_diag["decode"]["recall"] == 1.0
+    # every layer and query head is reported (4 layers; hylra's default plan keeps the first two dense)
+    layers = by_method["hylra"][0]["diagnosis"]["layers"]
+    assert [row["layer"] for row in layers] == [0, 1, 2, 3] and len(layers[2]["heads"]) == 4
+    assert [row["mode"] for row in layers] == ["full", "full", "compute", "compute"]
+    assert all(h["prompt"]["recall"] == 1.0 for row in layers[:2] for h in row["heads"])
+    (fid,) = result["fidelity"]
+    assert fid["tokens"] == 640 and 0.0 <= fid["top1_agreement"] <= 1.0 and fid["kl_mean"] >= 0.0
+    assert fid["attended"] < 1.0
+
+
+def test_fidelity_of_a_budget_covering_everything_is_exact(tiny):
+    from longserve.evals.run import build_engine, run_fidelity
+
+    args = _eval_args("--model", str(tiny), "--attention", "hylra",
+                      "--attention-config", '{"hylra": {"topk_tokens": 4096}}')
+    args.attention_config = {"hylra": {"topk_tokens": 4096}}
+    engines = {}
+    for method in ("dense", "hylra"):
+        llm, probe, label = build_engine(args, method, 1024)
+        engines[label] = (llm, probe)
+    ids = [random.Random(0).randrange(3, 200) for _ in range(300)]
+    (fid,) = run_fidelity(engines, ids, chunk=64, skip=32, progress=False)
+    assert fid["kl_mean"] < 1e-6 and fid["top1_agreement"] == 1.0
+    assert fid["ppl"] == pytest.approx(fid["ppl_dense"], rel=1e-5)
+    assert fid["attended"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--lengths", "2Q"], "--lengths"),
+    (["--attention", "nope"], "unknown attention method"),
+    (["--depths", "1.5"], "depth must be in [0, 1]"),
+    (["--tasks", "passkey,bogus"], "unknown task"),
+    (["--attention-config", "{not json"], "not valid JSON"),
+    (["--attention", "hylra", "--attention-config", '{"routing": {"window": 64}}'], "not in --attention"),
+])
+def test_bad_flags_give_one_line_and_a_nonzero_exit(argv, needle, capsys):
+    from longserve.server.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", *argv])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_a_model_that_does_not_load_is_one_line(tmp_path, capsys):
+    from longserve.server.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--model", str(tmp_path / "missing"), "--no-progress"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "not found" in err and len(err.splitlines()) == 1
