@@ -209,8 +209,8 @@ class SelectionProbe:
         the metadata the selection was made with, and its token rows in the step (None: the same rows): all
         sequences, or with prefill "dense" only the decoding ones (kernels/prefill.py)."""
         backend = self.inner.layer_backend(layer_idx) if hasattr(self.inner, "layer_backend") else self.inner
-        params = getattr(backend, "params", None)
-        mode = params.get("prefill") if isinstance(params, dict) else getattr(params, "prefill", None)
+        params = getattr(backend, "params", None)  # hylra, routing: a dict; superlinear: a .prefill attribute
+        mode = params.get("prefill") if isinstance(params, dict) else getattr(backend, "prefill", None)
         if mode == "dense" and meta.max_query_len > 1:
             from ..kernels.prefill import sequence_subset
 
