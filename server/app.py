@@ -42,7 +42,7 @@ from ..engine.sequence import CompletionOutput, RequestOutput
 from ..engine.structured_output import StructuredOutput
 from .errors import APIError, error_response, from_exception, install_handlers, validation_error
 from .metrics import ServerMetrics
-from .protocol import (REQUEST_MODELS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        SamplingFields, TokenizeRequest, conversation)
 from .tool_calls import PARSERS, parser_for_checkpoint
 
@@ -692,18 +692,11 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
         return {"prompt": state.tokenizer.decode(req.tokens)}
 
     def openapi() -> dict:
-        # The POST bodies are parsed by hand (strict JSON, size limit), so their schemas are added here.
         if app.openapi_schema is None:
-            from fastapi.openapi.utils import get_openapi
+            from .openapi import build_openapi
 
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in REQUEST_MODELS.values():
-                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(body.pop("$defs", {}))
-                components[model.__name__] = body
-            app.openapi_schema = schema
+            tokenizer_size = len(state.tokenizer) if state.tokenizer is not None else None
+            app.openapi_schema = build_openapi(app, state.vocab_size, tokenizer_size)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -60,8 +60,9 @@ def from_exception(exc: BaseException) -> APIError:
     return APIError(500, "The server had an internal error while processing the request.", code="internal_error")
 
 
-def error_response(error: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+def error_response(error: APIError, headers: dict | None = None) -> JSONResponse:
+    if error.status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
@@ -113,7 +114,7 @@ def install_handlers(app: FastAPI) -> None:
             message = f"Method {request.method} is not allowed on {request.url.path}"
         else:
             message = str(exc.detail)
-        return error_response(APIError(exc.status_code, message))
+        return error_response(APIError(exc.status_code, message), exc.headers)  # 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):

@@ -1,7 +1,8 @@
 """Request schemas of the OpenAI-compatible API (pydantic), and their translation to SamplingParams.
 
-Types are strict (a string is not a number, 1.0 is not an integer, NaN and infinities are refused) so a
-wrong type is a 400 naming the field rather than a silently converted value. Unknown fields are ignored,
+Types are strict (a string is not a number, 2.5 is not an integer, NaN and infinities are refused) so a
+wrong type is a 400 naming the field rather than a silently converted value; a whole number written as 2.0 is
+an integer, as JSON Schema says. Unknown fields are ignored,
 as OpenAI does; known OpenAI fields this server cannot honour are refused with a 400 that names them
 (``unsupported_fields``). Ranges are checked once, by SamplingParams, so the engine and the server agree;
 the OpenAPI document states them too (``_doc``: JSON-schema keywords that are documentation only), and the
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, field_validator
 
 from ..engine.sampling_params import LOGIT_BIAS_MAX, SamplingParams
 from ..engine.structured_output import StructuredOutput
@@ -24,6 +25,26 @@ _CONFIG = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 TOKEN_ID = "x-token-id"  # marks token-id integers in the schema; the server adds their maximum (vocabulary - 1)
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+
+
+def _whole_number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_whole_number)]
+
+
+def _rules(*rules: dict) -> ConfigDict:
+    """The strict config, with request rules that relate two fields stated in the schema (if/then)."""
+    return ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, json_schema_extra={"allOf": list(rules)})
+
+
+def _when(field: str, schema: dict, then: dict | bool) -> dict:
+    return {"if": {"required": [field], "properties": {field: schema}}, "then": then}
+
+
+STREAM_OPTIONS_NEED_STREAM = _when("stream_options", {"type": "object"},
+                                   {"required": ["stream"], "properties": {"stream": {"const": True}}})
 
 
 def _doc(**keywords) -> dict:
@@ -67,26 +88,26 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = _CONFIG
+    model_config = _rules(STREAM_OPTIONS_NEED_STREAM)
 
     model: Optional[str] = Field(None, description="served model name; omitted: the served model")
-    max_tokens: Optional[int] = Field(None, description="most tokens to generate", **_doc(minimum=1))
+    max_tokens: Optional[Int] = Field(None, description="most tokens to generate", **_doc(minimum=1))
     temperature: Optional[float] = Field(None, description="0 = greedy; default 1", **_doc(minimum=0, maximum=100))
     top_p: Optional[float] = Field(None, **_doc(exclusiveMinimum=0, maximum=1))
-    top_k: Optional[int] = Field(None, description="-1 or 0: off", **_doc(minimum=-1))
+    top_k: Optional[Int] = Field(None, description="-1 or 0: off", **_doc(minimum=-1))
     min_p: Optional[float] = Field(None, **_doc(minimum=0, maximum=1))
-    n: Optional[int] = Field(None, description="completions per prompt", **_doc(minimum=1, maximum=128))
+    n: Optional[Int] = Field(None, description="completions per prompt", **_doc(minimum=1, maximum=128))
     stop: Optional[Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[str, Field(min_length=1)]],
                                                                           Field(max_length=16)]]] = None
-    stop_token_ids: Optional[list[Annotated[int, Field(**_doc(minimum=0, **{TOKEN_ID: True}))]]] = None
-    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop_token_ids: Optional[list[Annotated[Int, Field(**_doc(minimum=0, **{TOKEN_ID: True}))]]] = None
+    seed: Optional[Int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = Field(None, description="only with stream: true")
     presence_penalty: Optional[float] = Field(None, **_doc(minimum=-2, maximum=2))
     frequency_penalty: Optional[float] = Field(None, **_doc(minimum=-2, maximum=2))
     repetition_penalty: Optional[float] = Field(None, **_doc(exclusiveMinimum=0, maximum=100))
     ignore_eos: Optional[bool] = False
-    min_tokens: Optional[int] = Field(None, description="at most max_tokens", **_doc(minimum=0))
+    min_tokens: Optional[Int] = Field(None, description="at most max_tokens", **_doc(minimum=0))
     include_stop_str_in_output: Optional[bool] = False
     skip_special_tokens: Optional[bool] = True
     user: Optional[str] = None
@@ -97,7 +118,7 @@ class SamplingFields(BaseModel):
     response_format: Optional[ResponseFormat] = Field(
         None, description="json_object: the output is a JSON object; json_schema: JSON valid for the schema")
     # Known OpenAI fields this server cannot honour; a value that asks for them is refused.
-    best_of: Optional[int] = Field(None, description="only best_of == n")
+    best_of: Optional[Int] = Field(None, description="only 1", **_doc(minimum=1, maximum=1))
 
     @field_validator("logit_bias")
     @classmethod
@@ -121,8 +142,8 @@ class SamplingFields(BaseModel):
 
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            raise APIError(400, "best_of is not supported by this server (only best_of == n)", param="best_of")
+        if self.best_of is not None and self.best_of != 1:
+            raise APIError(400, "best_of is not supported by this server (only 1)", param="best_of")
         for name, why in self.unsupported_fields():
             raise APIError(400, f"{name} is not supported by this server{why}", param=name)
 
@@ -153,18 +174,22 @@ class SamplingFields(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-TokenId = Annotated[int, Field(**_doc(minimum=0, **{TOKEN_ID: True}))]
-PromptType = Union[Annotated[str, Field(min_length=1)], Annotated[list[str], Field(min_length=1)],
+TokenId = Annotated[Int, Field(**_doc(minimum=0, **{TOKEN_ID: True}))]
+PromptType = Union[Annotated[str, Field(min_length=1)],
+                   Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)],
                    Annotated[list[TokenId], Field(min_length=1)],
                    Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]]
 
 
 class CompletionRequest(SamplingFields):
+    model_config = _rules(STREAM_OPTIONS_NEED_STREAM, {  # echo with logprobs: prompt logprobs are not computed
+        "if": {"required": ["echo", "logprobs"], "properties": {"echo": {"const": True},
+                                                                "logprobs": {"type": "integer"}}}, "then": False})
     prompt: PromptType = Field(..., description="a string, a list of strings, token ids, or a list of token-id lists")
-    logprobs: Optional[int] = Field(None, description="top logprobs per token (0..20); not with echo",
+    logprobs: Optional[Int] = Field(None, description="top logprobs per token (0..20); not with echo",
                                     **_doc(minimum=0, maximum=20))
     echo: Optional[bool] = False
-    suffix: Optional[str] = None
+    suffix: Optional[str] = Field(None, description="not supported: only empty", **_doc(maxLength=0))
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -176,6 +201,7 @@ class CompletionRequest(SamplingFields):
             raise ValueError(shape)
         if not value:
             raise ValueError("prompt must not be an empty list")
+        value = [[_whole_number(t) for t in v] if isinstance(v, list) else _whole_number(v) for v in value]
         if all(isinstance(v, str) for v in value):
             return value
         if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -206,8 +232,8 @@ class CompletionRequest(SamplingFields):
 
 class TextPart(BaseModel):
     model_config = _CONFIG
-    type: str
-    text: Optional[str] = None
+    type: Literal["text"]
+    text: str
 
 
 Content = Union[str, list[TextPart]]
@@ -308,12 +334,17 @@ class NamedToolChoice(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = _rules(
+        STREAM_OPTIONS_NEED_STREAM,
+        _when("top_logprobs", {"type": "integer"}, {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}),
+        _when("tool_choice", {"anyOf": [{"const": "auto"}, {"const": "required"}, {"type": "object"}]},
+              {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}))
     messages: list[ChatMessage] = Field(..., min_length=1,
                                         description="the conversation (system/developer/user/assistant/tool)")
-    max_completion_tokens: Optional[int] = Field(None, description="alias of max_tokens (wins if both given)",
+    max_completion_tokens: Optional[Int] = Field(None, description="alias of max_tokens (wins if both given)",
                                                  **_doc(minimum=1))
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = Field(None, description="alternatives per token (0..20); needs logprobs",
+    top_logprobs: Optional[Int] = Field(None, description="alternatives per token (0..20); needs logprobs",
                                         **_doc(minimum=0, maximum=20))
     tools: Optional[list[Tool]] = Field(None, description="functions the model may call")
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = Field(
@@ -321,11 +352,12 @@ class ChatCompletionRequest(SamplingFields):
                           "a named function: a call to it. Needs tools unless none")
     parallel_tool_calls: Optional[bool] = None
     # Known OpenAI fields that this server cannot honour.
-    functions: Optional[list[Any]] = None
-    function_call: Optional[Union[str, dict[str, Any]]] = None
-    audio: Optional[dict[str, Any]] = None
-    modalities: Optional[list[str]] = None
-    prediction: Optional[dict[str, Any]] = None
+    functions: Optional[list[Any]] = Field(None, description="legacy; use tools", **_doc(maxItems=0))
+    function_call: Optional[Union[str, dict[str, Any]]] = Field(None, description="legacy; use tool_choice",
+                                                                **_doc(enum=["none", "auto", None]))
+    audio: Optional[dict[str, Any]] = Field(None, description="not supported", **_doc(type="null"))
+    modalities: Optional[list[str]] = Field(None, description="only text", **_doc(items={"enum": ["text"]}))
+    prediction: Optional[dict[str, Any]] = Field(None, description="not supported", **_doc(type="null"))
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         out = []
@@ -389,7 +421,9 @@ def _arguments_object(arguments: str) -> Any:
 
 
 class TokenizeRequest(BaseModel):
-    model_config = _CONFIG
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
     model: Optional[str] = None
     prompt: Optional[str] = Field(None, description="exactly one of prompt and messages")
     messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
