@@ -41,6 +41,7 @@ from ..engine.llm_engine import resolve_device as engine_resolve_device
 from ..engine.models.decoder import DecoderModel, ModelConfig
 from ..kernels.base import AttentionMetadata, BackendError, LayerCache, StepState
 from ..kernels.plan import AttentionPlan
+from ..kernels.reference.block_summaries import summarize_full_blocks
 from ..kernels.registry import METHODS, build_backend
 from .common import BenchError, format_tokens
 from .presets import PRESETS, preset_config, random_model, weight_count
@@ -343,14 +344,7 @@ def rebuild_aux(backend, layer_idx: int, cache: LayerCache, num_blocks: int) -> 
     if unknown:
         raise BenchError(f"{backend.name}: cannot rebuild aux tables {sorted(unknown)} for a synthetic cache "
                          "(the backend has no prepare_synthetic hook); use --kv prefill")
-    chunk = max(1, (1 << 26) // cache.k[0].numel())
-    for s in range(0, num_blocks, chunk):
-        e = min(num_blocks, s + chunk)
-        keys = cache.k[s:e]
-        if "kmin" in cache.aux:
-            cache.aux["kmin"][s:e] = keys.amin(dim=2).to(cache.aux["kmin"].dtype)
-        if "kmax" in cache.aux:
-            cache.aux["kmax"][s:e] = keys.amax(dim=2).to(cache.aux["kmax"].dtype)
+    summarize_full_blocks(cache.k, {name: cache.aux[name] for name in needed}, num_blocks)
     return "kmin/kmax rebuilt from the keys"
 
 

@@ -31,9 +31,11 @@ import torch
 from .base import AttentionMetadata, BackendError, BackendSetup, LayerCache, StepState
 from .dense import DenseBackend, check_impl, resolve_impl
 from .plan import AttentionPlan
+from .params import bool_param, check_impl_name, choice_param, int_param, with_defaults
 from .prefill import attend_by_prefill_mode, check_prefill
 from .reference import dense as ref_dense
 from .reference import hylra as ref
+from .reference.block_summaries import summarize_full_blocks
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "topk_tokens": 2048,
@@ -50,31 +52,16 @@ DEFAULT_PARAMS: dict[str, Any] = {
 SUMMARY_TABLES = {"mean": ("kmean",), "bound": ("kmin", "kmax")}
 
 
-def _int_param(params: dict, name: str, minimum: int) -> int:
-    value = params[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise BackendError(f"hylra: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def validate_params(params: dict[str, Any] | None) -> dict[str, Any]:
     """Defaults filled in; a BackendError naming the first bad or unknown parameter."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
-    if unknown:
-        raise BackendError(f"hylra: unknown parameter(s) {', '.join(unknown)} "
-                           f"(known: {', '.join(DEFAULT_PARAMS)})")
-    out = {**DEFAULT_PARAMS, **params}
-    _int_param(out, "topk_tokens", 1)
-    _int_param(out, "sink_blocks", 0)
-    _int_param(out, "recent_blocks", 1)
-    _int_param(out, "prefill_tile", 1)
-    if not isinstance(out["per_head"], bool):
-        raise BackendError(f"hylra: per_head must be true or false, got {out['per_head']!r}")
-    if out["head_reduce"] not in ("max", "sum"):
-        raise BackendError(f"hylra: head_reduce must be 'max' or 'sum', got {out['head_reduce']!r}")
-    if out["score"] not in SUMMARY_TABLES:
-        raise BackendError(f"hylra: score must be 'mean' or 'bound', got {out['score']!r}")
+    out = with_defaults("hylra", params, DEFAULT_PARAMS)
+    int_param("hylra", out, "topk_tokens", 1)
+    int_param("hylra", out, "sink_blocks", 0)
+    int_param("hylra", out, "recent_blocks", 1)
+    int_param("hylra", out, "prefill_tile", 1)
+    bool_param("hylra", out, "per_head")
+    choice_param("hylra", out, "head_reduce", ("max", "sum"))
+    choice_param("hylra", out, "score", SUMMARY_TABLES)
     check_prefill("hylra", out["prefill"])
     return out
 
@@ -83,8 +70,7 @@ class HyLRABackend:
     name = "hylra"
 
     def __init__(self, plan: AttentionPlan, impl: str = "auto"):
-        if impl not in ("auto", "torch", "triton"):
-            raise BackendError(f"hylra: impl must be 'auto', 'torch' or 'triton', not {impl!r}")
+        check_impl_name("hylra", impl)
         plan.validate()
         self.plan = plan
         self.impl = impl
@@ -107,15 +93,7 @@ class HyLRABackend:
 
     def prepare_synthetic(self, layer_idx: int, cache: LayerCache, num_blocks: int) -> None:
         """Rebuild the summaries of blocks [0, num_blocks) written directly into the cache, all full (benches)."""
-        chunk = max(1, (1 << 24) // cache.k[0].numel())
-        for start in range(0, num_blocks, chunk):
-            end = min(num_blocks, start + chunk)
-            keys = cache.k[start:end].float()
-            if "kmin" in cache.aux:
-                cache.aux["kmin"][start:end] = keys.amin(dim=2).to(cache.aux["kmin"].dtype)
-                cache.aux["kmax"][start:end] = keys.amax(dim=2).to(cache.aux["kmax"].dtype)
-            if "kmean" in cache.aux:
-                cache.aux["kmean"][start:end] = keys.mean(dim=2).to(cache.aux["kmean"].dtype)
+        summarize_full_blocks(cache.k, cache.aux, num_blocks)
 
     def _selection_params(self) -> dict[str, Any]:
         p = self.params

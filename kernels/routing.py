@@ -38,6 +38,7 @@ import torch
 from .base import AttentionMetadata, BackendError, BackendSetup, LayerCache, StepState
 from .dense import DenseBackend, check_impl, resolve_impl
 from .plan import AttentionPlan
+from .params import check_impl_name, int_param, number_param, with_defaults
 from .prefill import attend_by_prefill_mode, check_prefill
 from .reference import dense as ref_dense
 from .reference import routing as ref
@@ -57,44 +58,26 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 
 
-def _int_param(params: dict, name: str, minimum: int) -> int:
-    value = params[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise BackendError(f"routing: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def validate_params(params: dict[str, Any] | None) -> dict[str, Any]:
     """Defaults filled in and clusters_per_segment resolved; a BackendError naming the first bad parameter."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
-    if unknown:
-        raise BackendError(f"routing: unknown parameter(s) {', '.join(unknown)} (known: {', '.join(DEFAULT_PARAMS)})")
-    out = {**DEFAULT_PARAMS, **params}
-    seg = _int_param(out, "segment_tokens", 1)
-    tpc = _int_param(out, "tokens_per_cluster", 1)
+    out = with_defaults("routing", params, DEFAULT_PARAMS)
+    seg = int_param("routing", out, "segment_tokens", 1)
+    tpc = int_param("routing", out, "tokens_per_cluster", 1)
     if out["clusters_per_segment"] is None:
         out["clusters_per_segment"] = max(1, seg // tpc)
-    clusters = _int_param(out, "clusters_per_segment", 1)
+    clusters = int_param("routing", out, "clusters_per_segment", 1)
     if clusters > seg:
         raise BackendError(f"routing: clusters_per_segment ({clusters}) exceeds segment_tokens ({seg})")
-    _int_param(out, "kmeans_iters", 0)
-    if not _number(out["decay"]) or not 0.0 <= out["decay"] <= 1.0:
-        raise BackendError(f"routing: decay must be a number in [0, 1], got {out['decay']!r}")
-    out["decay"] = float(out["decay"])
-    _int_param(out, "budget_tokens", 0)
-    frac = out["budget_frac"]
-    if frac is not None and (not _number(frac) or not 0.0 < frac <= 1.0):
-        raise BackendError(f"routing: budget_frac must be a number in (0, 1] or null, got {frac!r}")
-    sink = _int_param(out, "sink_tokens", 0)
+    int_param("routing", out, "kmeans_iters", 0)
+    out["decay"] = number_param("routing", out, "decay", 0.0, 1.0)
+    int_param("routing", out, "budget_tokens", 0)
+    if out["budget_frac"] is not None:
+        out["budget_frac"] = number_param("routing", out, "budget_frac", 0.0, 1.0, open_low=True)
+    sink = int_param("routing", out, "sink_tokens", 0)
     if sink >= seg:
         raise BackendError(f"routing: sink_tokens ({sink}) must be below segment_tokens ({seg})")
-    _int_param(out, "window", 1)
-    _int_param(out, "prefill_tile", 1)
+    int_param("routing", out, "window", 1)
+    int_param("routing", out, "prefill_tile", 1)
     check_prefill("routing", out["prefill"])
     return out
 
@@ -103,8 +86,7 @@ class RoutingBackend:
     name = "routing"
 
     def __init__(self, plan: AttentionPlan, impl: str = "auto"):
-        if impl not in ("auto", "torch", "triton"):
-            raise BackendError(f"routing: impl must be 'auto', 'torch' or 'triton', not {impl!r}")
+        check_impl_name("routing", impl)
         plan.validate()
         self.plan = plan
         self.impl = impl

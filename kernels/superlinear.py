@@ -7,7 +7,7 @@ The method, its formulas and its modes are described in docs/superlinear.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -16,8 +16,10 @@ from .base import AttentionMetadata, BackendError, BackendSetup, LayerCache, Ste
 from .dense import DenseBackend, check_impl, resolve_impl
 from .prefill import attend_by_prefill_mode, check_prefill
 from .plan import AttentionPlan, LayerPlan
+from .params import check_impl_name, with_defaults
 from .reference import dense as dense_ref
 from .reference import superlinear as ref
+from .reference.block_summaries import update_block_summaries
 from .reference.superlinear import SpanParams
 
 # The engine's defaults for ordinary checkpoints (no trained search projection): summary search finds a
@@ -28,12 +30,8 @@ PREFILL_DEFAULT = "sparse"  # how prompt chunks attend: "sparse" or "dense" (ker
 
 def make_params(values: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> SpanParams:
     """SpanParams from a (JSON) dict; unknown names and bad values raise BackendError."""
-    values = dict(values or {})
-    unknown = sorted(set(values) - set(SpanParams.names()))
-    if unknown:
-        raise BackendError(f"superlinear: unknown parameter {unknown[0]!r} "
-                           f"(expected some of {', '.join(SpanParams.names())}, prefill, impl)")
-    return SpanParams(**{**(defaults or {}), **values})
+    known = {f.name: f.default for f in fields(SpanParams)}
+    return SpanParams(**with_defaults("superlinear", values, {**known, **(defaults or {})}))
 
 
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
@@ -81,23 +79,9 @@ def _check_contiguous_inputs(q, k, v, positions, q_search, block_size) -> None:
 # ------------------------------------------------------------------------------------ paged backend
 
 def update_block_bounds(cache: LayerCache, meta: AttentionMetadata) -> None:
-    """Refresh aux kmin/kmax of the blocks this step wrote (after the cache write), PyTorch version.
-
-    A block's bounds are recomputed from its filled slots [0, last offset written]: exact whatever the
-    block held before (freed blocks, preemption), and untouched blocks (shared prefixes) keep theirs."""
-    slots = meta.slot_mapping.to(torch.int64)
-    if slots.numel() == 0:
-        return
-    bs = cache.block_size
-    blocks = torch.div(slots, bs, rounding_mode="floor")
-    last = torch.ones_like(blocks, dtype=torch.bool)
-    last[:-1] = blocks[1:] != blocks[:-1]  # a sequence's step tokens fill its blocks in order
-    blk = blocks[last]
-    fill = (slots[last] % bs) + 1
-    keys = cache.k[blk].float()  # [L, Hkv, bs, D]
-    filled = (torch.arange(bs, device=slots.device)[None, :] < fill[:, None])[:, None, :, None]
-    cache.aux["kmin"][blk] = keys.masked_fill(~filled, float("inf")).amin(2).to(cache.aux["kmin"].dtype)
-    cache.aux["kmax"][blk] = keys.masked_fill(~filled, float("-inf")).amax(2).to(cache.aux["kmax"].dtype)
+    """Refresh aux kmin/kmax of the blocks this step wrote (after the cache write), PyTorch version
+    (kernels/reference/block_summaries.py, shared with HyLRA)."""
+    update_block_summaries(cache.k, {"kmin": cache.aux["kmin"], "kmax": cache.aux["kmax"]}, meta.slot_mapping)
 
 
 def gather_block_bounds(cache: LayerCache, block_table: torch.Tensor, context_len: int
@@ -123,9 +107,7 @@ class SuperlinearBackend:
     def __init__(self, plan: Any = None, impl: str = "auto"):
         raw = dict(getattr(plan, "params", None) or {})
         impl = raw.pop("impl", impl)
-        if impl not in ("auto", "torch", "triton"):
-            raise BackendError(f"superlinear: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-        self.impl = impl
+        self.impl = check_impl_name("superlinear", impl)
         self.prefill = check_prefill("superlinear", raw.pop("prefill", PREFILL_DEFAULT))
         self.params = make_params(raw, BACKEND_DEFAULTS)
         self.plan = plan if isinstance(plan, AttentionPlan) else None  # None: every layer computes

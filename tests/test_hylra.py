@@ -296,7 +296,7 @@ def test_reuse_without_source_selection_is_a_clear_error():
     ({"topk_tokens": 0}, "topk_tokens"), ({"topk_tokens": "2k"}, "topk_tokens"), ({"topk_tokens": True}, "topk_tokens"),
     ({"sink_blocks": -1}, "sink_blocks"), ({"recent_blocks": 0}, "recent_blocks"), ({"per_head": 1}, "per_head"),
     ({"head_reduce": "mean"}, "head_reduce"), ({"prefill_tile": 0}, "prefill_tile"), ({"topk": 5}, "unknown"),
-    ({"score": "max"}, "score must be 'mean' or 'bound'"),
+    ({"score": "max"}, "score must be one of 'mean', 'bound'"),
 ])
 def test_bad_params_are_clear_errors(params, match):
     with pytest.raises(BackendError, match=match):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base import AttentionMetadata
+from .block_summaries import quest_bound, update_block_bounds, update_block_summaries  # noqa: F401 (kept names)
 from .dense import attention_with_lse, causal_attention, gather_kv
 
 
@@ -82,47 +83,10 @@ def tile_selected_count(tile: Tile, block_size: int, budget_blocks: int, sink_bl
     return min(visible, max(budget_blocks, kept))
 
 
-def update_block_summaries(k_cache: torch.Tensor, aux: dict[str, torch.Tensor], slot_mapping: torch.Tensor) -> None:
-    """Recompute the per-block key summaries present in aux ("kmin"/"kmax": elementwise min/max, "kmean": mean;
-    each [num_blocks, Hkv, D]) of every block the step wrote, over the block's filled part.
-
-    A block is filled from offset 0 upwards, so its valid tokens are offsets 0..(largest offset written now);
-    recomputing (rather than merging) ignores whatever a freed and reused block held before.
-    """
-    if slot_mapping.numel() == 0:
-        return
-    bs = k_cache.shape[2]
-    blocks = torch.div(slot_mapping, bs, rounding_mode="floor")
-    offsets = slot_mapping % bs
-    touched, inverse = torch.unique(blocks, return_inverse=True)
-    fill = torch.zeros_like(touched).scatter_reduce(0, inverse, offsets + 1, reduce="amax")
-    valid = (torch.arange(bs, device=k_cache.device)[None, :] < fill[:, None])[:, None, :, None]  # [nb,1,bs,1]
-    keys = k_cache[touched].float()  # [nb, Hkv, bs, D]
-    inf = torch.tensor(float("inf"), device=k_cache.device)
-    if "kmin" in aux:
-        aux["kmin"][touched] = torch.where(valid, keys, inf).amin(dim=2).to(aux["kmin"].dtype)
-    if "kmax" in aux:
-        aux["kmax"][touched] = torch.where(valid, keys, -inf).amax(dim=2).to(aux["kmax"].dtype)
-    if "kmean" in aux:
-        mean = torch.where(valid, keys, 0.0).sum(dim=2) / fill[:, None, None].float()
-        aux["kmean"][touched] = mean.to(aux["kmean"].dtype)
-
-
-def update_block_bounds(k_cache: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> None:
-    """update_block_summaries for the min/max tables only."""
-    update_block_summaries(k_cache, {"kmin": kmin, "kmax": kmax}, slot_mapping)
-
-
 def block_upper_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Quest bound of q.k over each block. q [Hq, M, D]; kmin/kmax [nb, Hkv, D]. Returns [Hq, M, nb] float32
     (unscaled)."""
-    hq, hkv = q.shape[0], kmin.shape[1]
-    group = hq // hkv
-    qf = q.float()
-    lo = kmin.float().permute(1, 2, 0).repeat_interleave(group, dim=0)  # [Hq, D, nb]
-    hi = kmax.float().permute(1, 2, 0).repeat_interleave(group, dim=0)
-    return torch.bmm(qf.clamp_min(0), hi) + torch.bmm(qf.clamp_max(0), lo)
+    return quest_bound(q.float(), kmin.float().transpose(0, 1), kmax.float().transpose(0, 1))
 
 
 def block_mean_scores(q: torch.Tensor, kmean: torch.Tensor) -> torch.Tensor:

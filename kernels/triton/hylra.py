@@ -13,63 +13,8 @@ import triton.language as tl
 
 from ..base import AttentionMetadata
 from ..reference.hylra import HyLRASelection, make_tiles, tile_selected_count
+from .block_summaries import update_block_bounds, update_block_summaries  # noqa: F401 (kept names)
 from .common import check_same_device, next_power_of_2
-
-
-# ------------------------------------------------------------------------------------ block bounds
-@triton.jit
-def _update_summaries_kernel(k_cache, kmin, kmax, kmean, slot_mapping, num_tokens,
-                             s_kb, s_kh, s_ko, s_mb, s_mh,
-                             BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BOUNDS: tl.constexpr,
-                             MEAN: tl.constexpr):
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    slot = tl.load(slot_mapping + t)
-    block = slot // BS
-    offset = slot % BS
-    # Only the step's last token in a block recomputes it (its offset is the block's fill - 1): one reader per
-    # block, and tokens of a block arrive contiguously and in order.
-    next_slot = tl.load(slot_mapping + t + 1, mask=t + 1 < num_tokens, other=-1)
-    is_last = (t + 1 >= num_tokens) | (next_slot // BS != block) | (next_slot < 0)
-    if (slot >= 0) & is_last:
-        rows = tl.arange(0, BS)
-        cols = tl.arange(0, BLOCK_D)
-        ptrs = k_cache + block * s_kb + h * s_kh + rows[:, None] * s_ko + cols[None, :]
-        valid = (rows[:, None] <= offset) & (cols[None, :] < D)
-        keys = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
-        out = block * s_mb + h * s_mh + cols
-        if BOUNDS:
-            lo = tl.min(tl.where(valid, keys, float("inf")), axis=0)
-            hi = tl.max(tl.where(valid, keys, float("-inf")), axis=0)
-            tl.store(kmin + out, lo.to(kmin.dtype.element_ty), mask=cols < D)
-            tl.store(kmax + out, hi.to(kmax.dtype.element_ty), mask=cols < D)
-        if MEAN:
-            mean = tl.sum(keys, axis=0) / (offset + 1).to(tl.float32)
-            tl.store(kmean + out, mean.to(kmean.dtype.element_ty), mask=cols < D)
-
-
-def update_block_summaries(k_cache: torch.Tensor, aux: dict[str, torch.Tensor], slot_mapping: torch.Tensor) -> None:
-    """Recompute the summaries present in aux (kmin/kmax, kmean) of every block the step wrote."""
-    num_tokens = slot_mapping.shape[0]
-    bounds, mean = "kmin" in aux, "kmean" in aux
-    if num_tokens == 0 or not (bounds or mean):
-        return
-    first = aux["kmin"] if bounds else aux["kmean"]
-    kmin = aux.get("kmin", first)
-    kmax = aux.get("kmax", first)
-    kmean = aux.get("kmean", first)
-    check_same_device(k_cache=k_cache, summaries=first, slot_mapping=slot_mapping)
-    _, hkv, bs, d = k_cache.shape
-    assert k_cache.stride(3) == 1 and all(t.stride() == first.stride() for t in (kmin, kmax, kmean))
-    _update_summaries_kernel[(num_tokens, hkv)](
-        k_cache, kmin, kmax, kmean, slot_mapping, num_tokens,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), first.stride(0), first.stride(1),
-        BS=bs, D=d, BLOCK_D=next_power_of_2(d), BOUNDS=bounds, MEAN=mean)
-
-
-def update_block_bounds(k_cache: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> None:
-    update_block_summaries(k_cache, {"kmin": kmin, "kmax": kmax}, slot_mapping)
 
 
 # ------------------------------------------------------------------------------------ block scoring

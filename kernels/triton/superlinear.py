@@ -30,54 +30,13 @@ from ..reference import superlinear as ref
 from ..reference.superlinear import SpanParams
 from . import dense as dense_tri
 from . import sparse
+from .block_summaries import update_block_bounds
 from .common import cdiv, check_same_device, interpreting, next_power_of_2
 
 _BLOCK_STRIPES = 64  # stripes scored per iteration
 _SPLIT_STRIPES = 256  # stripes per search program in decode (several programs per token and head)
 _BLOCKS_PER_PROGRAM = 64  # key blocks bounded per program (summary search)
 _MAX_BOUND_SCRATCH = 1 << 26  # float32 elements of the [tokens, Hq, blocks] bound scratch (256 MB)
-
-
-# ---------------------------------------------------------------------------------------- block bounds
-
-@triton.jit
-def _update_bounds_kernel(KC, KMIN, KMAX, slot_mapping, num_tokens,
-                          s_kb, s_kh, s_kt, s_mb, s_mh, s_xb, s_xh,
-                          PAGE: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    token = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    slot = tl.load(slot_mapping + token).to(tl.int64)
-    nxt = tl.load(slot_mapping + token + 1, mask=token + 1 < num_tokens, other=-1).to(tl.int64)
-    block = slot // PAGE
-    # Only the step's last token in a block recomputes it (a sequence's tokens fill a block in order): one
-    # writer per block, and the bounds cover exactly the filled slots [0, offset].
-    is_last = (token + 1 >= num_tokens) | (nxt < 0) | (nxt // PAGE != block)
-    if (slot >= 0) & is_last:
-        offset = slot % PAGE
-        rows = tl.arange(0, PAGE_PAD)
-        d = tl.arange(0, BLOCK_D)
-        mask = (rows[:, None] <= offset) & (rows[:, None] < PAGE) & (d[None, :] < HEAD_DIM)
-        ptrs = KC + block * s_kb + head * s_kh + rows[:, None] * s_kt + d[None, :]
-        lo = tl.min(tl.load(ptrs, mask=mask, other=float("inf")).to(tl.float32), 0)
-        hi = tl.max(tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32), 0)
-        dmask = d < HEAD_DIM
-        tl.store(KMIN + block * s_mb + head * s_mh + d, lo.to(KMIN.dtype.element_ty), mask=dmask)
-        tl.store(KMAX + block * s_xb + head * s_xh + d, hi.to(KMAX.dtype.element_ty), mask=dmask)
-
-
-def update_block_bounds(k_cache: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> None:
-    """Recompute aux kmin/kmax [num_blocks, Hkv, D] of the blocks this step wrote (after the cache write)."""
-    tokens = slot_mapping.shape[0]
-    if tokens == 0:
-        return
-    hkv, page, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    _update_bounds_kernel[(tokens, hkv)](
-        k_cache, kmin, kmax, slot_mapping, tokens,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), kmin.stride(0), kmin.stride(1),
-        kmax.stride(0), kmax.stride(1),
-        PAGE=page, PAGE_PAD=next_power_of_2(page), HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
-        num_warps=2)
 
 
 # ------------------------------------------------------------------------------------------ geometry
