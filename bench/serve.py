@@ -78,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128, help="max_tokens per request (default 128)")
     p.add_argument("--no-ignore-eos", action="store_true",
                    help="do not send ignore_eos=true (for servers that reject the field; outputs may end early)")
+    p.add_argument("--json-schema", default=None, metavar="PATH",
+                   help="send response_format json_schema with the JSON schema in this file in every request "
+                        "(structured outputs; compare output tokens/s with and without it)")
     p.add_argument("--api-key", default=None,
                    help="Bearer token (default: $LONGSERVE_API_KEY or $OPENAI_API_KEY when set)")
     p.add_argument("--timeout", type=float, default=1800.0,
@@ -302,6 +305,13 @@ async def run_benchmark(args) -> dict[str, Any]:
         raise ServeBenchError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     if not args.request_rate > 0:
         raise ServeBenchError(f"--request-rate must be > 0, got {args.request_rate}")
+    response_format = None
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text())
+        except (OSError, ValueError) as e:
+            raise ServeBenchError(f"--json-schema {args.json_schema}: cannot read a JSON schema: {e}") from None
+        response_format = {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
     root = _root(args.base_url)
     key = args.api_key or os.environ.get("LONGSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -331,6 +341,8 @@ async def run_benchmark(args) -> dict[str, Any]:
                        "stream": True, "stream_options": {"include_usage": True}}
             if not args.no_ignore_eos:
                 payload["ignore_eos"] = True
+            if response_format is not None:
+                payload["response_format"] = response_format
             if semaphore is None:
                 await send_request(client, url, headers, payload, results[i])
             else:
@@ -395,7 +407,8 @@ def summarize(args, model: str, results: list[RequestResult], duration: float, l
         "config": {"dataset": args.dataset, "num_prompts": args.num_prompts, "request_rate": args.request_rate
                    if math.isfinite(args.request_rate) else "inf", "max_concurrency": args.max_concurrency,
                    "input_len": args.input_len or DEFAULT_INPUT_LEN.get(args.dataset), "prefix_len": args.prefix_len,
-                   "output_len": args.output_len, "ignore_eos": not args.no_ignore_eos, "seed": args.seed},
+                   "output_len": args.output_len, "ignore_eos": not args.no_ignore_eos, "seed": args.seed,
+                   "json_schema": args.json_schema},
         "prompt_length_method": length_method,
         "tokens_per_word": ratios,
         "completed": len(ok),
