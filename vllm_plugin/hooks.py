@@ -61,6 +61,7 @@ def install() -> None:
 
     update_states = GPUModelRunner._update_states
     build_attention_metadata = GPUModelRunner._build_attention_metadata
+    dummy_run = GPUModelRunner._dummy_run
 
     def _update_states_hook(self, scheduler_output):
         if scheduler_output.finished_req_ids:
@@ -69,12 +70,22 @@ def install() -> None:
         return update_states(self, scheduler_output)
 
     def _build_attention_metadata_hook(self, *args, **kwargs):
+        # A dummy run's rows belong to no request (whatever the input batch holds at the time).
+        rows = [] if getattr(self, "_longserve_dummy_run", False) else self.input_batch.req_ids
         for runtime in _runtimes(self):
-            runtime.set_step_requests(self.input_batch.req_ids)
+            runtime.set_step_requests(rows)
         return build_attention_metadata(self, *args, **kwargs)
+
+    def _dummy_run_hook(self, *args, **kwargs):
+        self._longserve_dummy_run = True
+        try:
+            return dummy_run(self, *args, **kwargs)
+        finally:
+            self._longserve_dummy_run = False
 
     GPUModelRunner._update_states = _update_states_hook
     GPUModelRunner._build_attention_metadata = _build_attention_metadata_hook
+    GPUModelRunner._dummy_run = _dummy_run_hook
 
 
 def _custom_is_longserve(selected_backend: Any) -> bool:
