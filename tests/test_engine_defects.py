@@ -1,22 +1,11 @@
-"""Engine defects found in review, each pinned by a test: the engine-wide --seed, prefix-cache counters while
-a sequence waits for blocks, the repetition penalty's prompt tensor, and the one rule of dtype 'auto'."""
+"""Engine defects found in review, each pinned by a test: the engine-wide --seed, the repetition penalty's
+prompt tensor, the one rule of dtype 'auto', engine options nothing read (prefix-cache counters:
+tests/test_block_manager.py)."""
 
-import pytest
 import torch
+from test_engine import ckpt, make_llm  # noqa: F401 (ckpt is a fixture)
 
 from longserve.engine import LLM, SamplingParams
-from longserve.engine.testing import tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
-
-
-def make_llm(ckpt, **kw):
-    opts = dict(device="cpu", dtype="float32", block_size=4, num_kv_blocks=256)
-    opts.update(kw)
-    return LLM(model=str(ckpt), **opts)
 
 
 def test_engine_seed_makes_unseeded_sampling_reproducible(ckpt):
