@@ -6,11 +6,12 @@ The options live here, free of torch, so `longserve --help` stays fast; the work
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from ..bench.cli import METHOD_NAMES, _list, _positive_int, parse_size
+from ..bench.cli import METHOD_NAMES, _list, _method, _positive_int, parse_size
+from ..engine.config import _json_object
 from ..engine.errors import EngineError
+from ..policies.cli import _fraction
 
 TASK_NAMES = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt")  # mirrors tasks.TASKS
 
@@ -19,23 +20,6 @@ def _task(text: str) -> str:
     if text not in TASK_NAMES:
         raise argparse.ArgumentTypeError(f"unknown task {text!r} (expected some of {', '.join(TASK_NAMES)})")
     return text
-
-
-def _method(text: str) -> str:
-    if text not in METHOD_NAMES:
-        raise argparse.ArgumentTypeError(f"unknown attention method {text!r} (expected some of "
-                                         f"{', '.join(METHOD_NAMES)})")
-    return text
-
-
-def _depth(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"depth must be in [0, 1], got {value}")
-    return value
 
 
 def _length(text: str) -> int:
@@ -47,12 +31,7 @@ def _length(text: str) -> int:
 
 def _attention_config(text: str) -> dict:
     """'{"hylra": {...}, "routing": {...}}' (per method) or '{...}' (one dict for every sparse method named)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e.msg}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"hylra": {"topk_tokens": 512}}\'')
+    value = _json_object(text)
     if value and all(k in METHOD_NAMES for k in value):
         if not all(isinstance(v, dict) for v in value.values()):
             raise argparse.ArgumentTypeError("per-method parameters must be JSON objects")
@@ -80,7 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a policy file (longserve profile); used for the method it names")
     p.add_argument("--lengths", type=_list(_length), default=[2048],
                    help="context lengths in tokens (prompt + answer), e.g. 2K,4K,8K (default 2K)")
-    p.add_argument("--depths", type=_list(_depth), default=[0.1, 0.5, 0.9],
+    p.add_argument("--depths", type=_list(_fraction), default=[0.1, 0.5, 0.9],
                    help="needle depths as fractions of the context (default 0.1,0.5,0.9)")
     p.add_argument("--samples", type=_positive_int, default=1, help="prompts per task, length and depth (default 1)")
     p.add_argument("--tasks", type=_list(_task), default=list(TASK_NAMES),

@@ -216,7 +216,7 @@ def test_fidelity_of_a_budget_covering_everything_is_exact(tiny):
 @pytest.mark.parametrize("argv, needle", [
     (["--lengths", "2Q"], "--lengths"),
     (["--attention", "nope"], "unknown attention method"),
-    (["--depths", "1.5"], "depth must be in [0, 1]"),
+    (["--depths", "1.5"], "expected a number in [0, 1]"),
     (["--tasks", "passkey,bogus"], "unknown task"),
     (["--attention-config", "{not json"], "not valid JSON"),
     (["--attention", "hylra", "--attention-config", '{"routing": {"window": 64}}'], "not in --attention"),
