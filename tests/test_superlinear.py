@@ -65,7 +65,7 @@ def _softmax_attend(qv, keys, values, idx, scale):
 
 
 def brute_force(q, k, v, positions, *, q_search=None, sw_index, num_spans, backward_factor, forward_factor,
-                search_power, span_power, combine, search, block_size=64):
+                search_power, span_power, combine, search, block_size=64, sink_tokens=0, summary_score="bound"):
     """Loop over batch, query head and query; everything computed from the issue's formulas in float64."""
     bsz, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -84,6 +84,7 @@ def brute_force(q, k, v, positions, *, q_search=None, sw_index, num_spans, backw
                 nb = (lk + block_size - 1) // block_size
                 kmin = [keys[i * block_size:(i + 1) * block_size].min(0).values for i in range(nb)]
                 kmax = [keys[i * block_size:(i + 1) * block_size].max(0).values for i in range(nb)]
+                kmean = [keys[i * block_size:(i + 1) * block_size].mean(0) for i in range(nb)]
             for i in range(lq):
                 qpos = int(positions[i])
                 t = qpos + 1
@@ -92,6 +93,8 @@ def brute_force(q, k, v, positions, *, q_search=None, sw_index, num_spans, backw
                 window_keys = set(range(sw_start, qpos + 1))
                 if search == "summary":  # the Quest bound of every block, for this query
                     bound = [float(torch.maximum(qsv * kmin[blk], qsv * kmax[blk]).sum()) for blk in range(nb)]
+                    if summary_score == "mean":  # q . mean key of the block
+                        bound = [float(qsv @ kmean[blk]) for blk in range(nb)]
                 cands = []  # (score, stripe, start, end)
                 s = sw_index  # the published rule: stripe s is valid while floor(s^(1/p)) <= t
                 while _inv_pow_floor(s + 1, p) <= t:
@@ -109,7 +112,7 @@ def brute_force(q, k, v, positions, *, q_search=None, sw_index, num_spans, backw
                     continue
                 chosen = sorted(cands, key=lambda c: (-c[0], c[1]))[:num_spans]  # ties: nearer anchor
                 if combine == "union":
-                    keyset = set(window_keys)
+                    keyset = set(window_keys) | set(range(min(sink_tokens, sw_start)))
                     for _, _, start, end in chosen:
                         keyset |= set(range(start, end + 1))
                     out[b, h, i] = _softmax_attend(qv, keys, values, keyset, scale)
@@ -151,6 +154,37 @@ def test_reference_matches_brute_force(pi, combine, search):
     got = span_attention(q, k, v, positions, impl="torch", **kw)
     want = brute_force(q, k, v, positions, **kw)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("pi", range(3))
+@pytest.mark.parametrize("search", ["anchor", "summary"])
+def test_sinks_join_the_union(pi, search):
+    """sink_tokens: keys [0, sink_tokens) are attended by every query whose window does not reach them."""
+    params = PARAM_SETS[pi]
+    q, k, v, positions = _inputs(200 + pi, 1, 4, 2, 333, 24, 8)
+    kw = dict(params, combine="union", search=search, block_size=8)
+    got = ref.span_attention(q, k, v, positions, ref.SpanParams(**{n: kw[n] for n in kw if n != "block_size"},
+                                                                sink_tokens=9), block_size=8)
+    torch.testing.assert_close(got, brute_force(q, k, v, positions, sink_tokens=9, **kw), rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(got, brute_force(q, k, v, positions, **kw))
+
+
+@pytest.mark.parametrize("pi", range(len(PARAM_SETS)))
+@pytest.mark.parametrize("combine", ["gate", "union"])
+def test_mean_score_matches_brute_force(pi, combine):
+    """score "mean": a span's summary score is the largest q . (mean key) over the blocks it touches."""
+    params = PARAM_SETS[pi]
+    heads = [(4, 2), (3, 3), (6, 2), (2, 1), (4, 4)][pi]
+    q, k, v, positions = _inputs(300 + pi, 1, heads[0], heads[1], 333, 24, 8)
+    kw = dict(params, combine=combine, search="summary")
+    got = ref.span_attention(q, k, v, positions, ref.SpanParams(**kw, score="mean"), block_size=8)
+    torch.testing.assert_close(got, brute_force(q, k, v, positions, block_size=8, summary_score="mean", **kw),
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_sinks_need_union():
+    with pytest.raises(BackendError, match="sink_tokens needs combine 'union'"):
+        ref.SpanParams(sink_tokens=4, combine="gate")
 
 
 def test_reference_uses_q_search_for_the_search_only():

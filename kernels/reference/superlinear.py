@@ -28,12 +28,14 @@ from typing import Callable
 
 import torch
 
+from ..base import BackendError
 from ..params import choice_param, int_param, number_param
 from . import dense as dense_ref
 from .block_summaries import block_bounds, quest_bound
 
 COMBINES = ("gate", "union")
 SEARCHES = ("anchor", "summary")
+SCORES = ("bound", "mean")  # summary search: a block's Quest bound, or q . its mean key
 
 # Keep the largest [.., q_tile, keys] tensors under about this many elements.
 _MAX_TILE_ELEMENTS = 1 << 24
@@ -49,6 +51,8 @@ class SpanParams:
     span_power: float = 0.5
     combine: str = "gate"
     search: str = "anchor"
+    sink_tokens: int = 0  # union only: keys [0, sink_tokens) always attended (attention sinks)
+    score: str = "bound"  # summary search's block score: "bound" (Quest) or "mean" (q . mean key)
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -60,6 +64,10 @@ class SpanParams:
             number_param("superlinear", values, name, 0.0)
         choice_param("superlinear", values, "combine", COMBINES)
         choice_param("superlinear", values, "search", SEARCHES)
+        int_param("superlinear", values, "sink_tokens", 0)
+        choice_param("superlinear", values, "score", SCORES)
+        if self.sink_tokens and self.combine != "union":
+            raise BackendError("superlinear: sink_tokens needs combine 'union' (the gate mixes spans only)")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -168,6 +176,31 @@ def span_geometry(positions: torch.Tensor, params: SpanParams, num_stripes: int)
 
 # ------------------------------------------------------------------------------------------- search
 
+def summary_tables(k: torch.Tensor, params: SpanParams, block_size: int) -> tuple[torch.Tensor, ...]:
+    """The per-block tables summary search reads, from contiguous keys k [Hkv, N, D]: (kmin, kmax) for
+    score "bound", (kmean,) for score "mean" (each [Hkv, nb, D]; the last block may be partial)."""
+    if params.score == "bound":
+        return block_bounds(k, block_size)
+    hkv, n, d = k.shape
+    nb = (n + block_size - 1) // block_size
+    kf = k.float() if k.dtype != torch.float64 else k
+    sums = torch.nn.functional.pad(kf, (0, 0, 0, nb * block_size - n)).view(hkv, nb, block_size, d).sum(2)
+    counts = torch.full((nb,), block_size, dtype=kf.dtype, device=k.device)
+    counts[-1] = n - (nb - 1) * block_size
+    return (sums / counts[None, :, None],)
+
+
+def block_scores(qs: torch.Tensor, tables: tuple[torch.Tensor, ...], score: str) -> torch.Tensor:
+    """[Hq, M, nb] score of every block for queries qs [Hq, M, D]: the Quest bound from (kmin, kmax), or
+    q . mean key from (kmean,) (tables [Hkv, nb, D], query head h reads KV head h // group)."""
+    if score == "bound":
+        return quest_bound(qs, *tables)
+    hq, m, d = qs.shape
+    kmean = tables[0]
+    hkv = kmean.shape[0]
+    return torch.bmm(qs.reshape(hkv, (hq // hkv) * m, d), kmean.transpose(1, 2)).reshape(hq, m, -1)
+
+
 def range_max(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """max(values[..., lo:hi+1]) along the last axis for index tensors lo/hi [..., S] (same leading shape
     as values), via a sparse table (log2 levels of doubling maxima, only up to the longest range asked)."""
@@ -241,9 +274,8 @@ def search_scores(qs: torch.Tensor, k: torch.Tensor | KeyRows, geom: SpanGeometr
         if bounds is None:
             if not isinstance(k, torch.Tensor):
                 raise ValueError("summary search over a key source needs the block bounds")
-            bounds = block_bounds(k, block_size)
-        kmin, kmax = (b.to(acc) for b in bounds)
-        ub = quest_bound(qf, kmin, kmax)  # [Hq, M, nb]
+            bounds = summary_tables(k, params, block_size)
+        ub = block_scores(qf, tuple(b.to(acc) for b in bounds), params.score)  # [Hq, M, nb]
         lo = (geom.starts // block_size)[None].expand(hq, -1, -1)
         hi = (geom.ends.clamp_min(0) // block_size)[None].expand(hq, -1, -1)
         scores = range_max(ub, lo, hi)
@@ -283,7 +315,24 @@ def select_spans(qs: torch.Tensor, k: torch.Tensor | KeyRows, positions: torch.T
 
     sel = Selection(stripes=idx + params.first_stripe, scores=top, valid=torch.isfinite(top),
                     starts=pick(geom.starts), ends=pick(geom.ends))
+    if params.sink_tokens:
+        sel = with_sinks(sel, geom.sw_start, params.sink_tokens)
     return sel, geom.sw_start
+
+
+def with_sinks(sel: Selection, sw_start: torch.Tensor, sink_tokens: int) -> Selection:
+    """Union mode: keys [0, min(sink_tokens, sw_start)) join the selection as one more span (stripe 0, the
+    last slot) and the searched spans start after them, so no key counts twice. Queries whose window reaches
+    key 0 get an empty sink span."""
+    hq = sel.starts.shape[0]
+    sink_end = sw_start.clamp(max=sink_tokens)[None, :, None].expand(hq, -1, 1)  # [Hq, M, 1], exclusive
+    zeros = torch.zeros_like(sink_end)
+    return Selection(stripes=torch.cat([sel.stripes, zeros], -1),
+                     scores=torch.cat([sel.scores, torch.full(sink_end.shape, float("inf"), dtype=sel.scores.dtype,
+                                                              device=sel.scores.device)], -1),
+                     valid=torch.cat([sel.valid, sink_end > 0], -1),
+                     starts=torch.cat([torch.maximum(sel.starts, sink_end), zeros], -1),
+                     ends=torch.cat([sel.ends, sink_end - 1], -1))
 
 
 # ---------------------------------------------------------------------------------------- attention
@@ -463,8 +512,9 @@ def attend_union_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     key = torch.arange(n, device=q.device)
     pos = positions.to(torch.int64)
-    first = torch.where(sel.valid, sel.starts, n)
-    after = torch.where(sel.valid, sel.ends + 1, n)
+    used = sel.valid & (sel.starts <= sel.ends)
+    first = torch.where(used, sel.starts, n)
+    after = torch.where(used, sel.ends + 1, n)
     ones = torch.ones_like(first, dtype=torch.int32)
     marks = torch.zeros(hq, m, n + 1, dtype=torch.int32, device=q.device)
     marks.scatter_add_(2, first, ones).scatter_add_(2, after, -ones)
@@ -503,7 +553,7 @@ def span_attention_single(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos
     scale = d ** -0.5 if scale is None else scale
     qs = q if q_search is None else q_search
     if params.search == "summary" and bounds is None:
-        bounds = block_bounds(k, block_size)
+        bounds = summary_tables(k, params, block_size)
     out = torch.empty(hq, m, d, dtype=q.dtype, device=q.device)
     t_max = int(positions.max()) + 1
     stripes = max(num_valid_stripes(t_max, params), 1)
