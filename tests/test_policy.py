@@ -102,7 +102,7 @@ def test_bad_layers(tmp_path, layers, match):
     (json.dumps(policy(method="dense")), "a 'compute' layer needs a sparse method"),
     (json.dumps(policy(params=[1])), "'params' must be an object"),
     (json.dumps(policy(params={"topk_tokens": -5})), "hylra: topk_tokens must be an integer >= 1"),
-    (json.dumps(policy(params={"top_k": 5})), "unknown parameter(s) top_k"),
+    (json.dumps(policy(params={"top_k": 5})), "hylra: unknown parameter 'top_k'"),
 ])
 def test_bad_file_contents(tmp_path, text, match):
     assert match in load_error(tmp_path, text)
