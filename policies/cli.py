@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from longserve.engine.config import _json_object
+
 from .profile_config import ProfileConfig
 
 
@@ -41,18 +43,6 @@ def _fraction(text: str) -> float:
 
 def _method_list(text: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in text.split(",") if m.strip())
-
-
-def _json_object(text: str) -> dict:
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e.msg}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
