@@ -71,7 +71,9 @@ def _length_bounded_strings_as_patterns(schema: Any) -> Any:
     if bounded and out.get("type") == "string" and not {"pattern", "format", "enum", "const"} & out.keys():
         low, high = out.get("minLength", 0), out.get("maxLength", "")
         if isinstance(low, int) and (high == "" or isinstance(high, int)):
-            out["pattern"] = f"^[^\\x00-\\x1f]{{{low},{high}}}$"
+            out["pattern"] = f"^[^\\x00-\\x1f]{{{low},{high}}}$"  # the lengths move into the pattern
+            out.pop("minLength", None)
+            out.pop("maxLength", None)
     return out
 
 

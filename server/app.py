@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over an AsyncEngine, and the `longserve serve` command.
 
 Request path: authorise -> read the body (size limit) -> parse and validate (strict pydantic) -> check the
-model name and unsupported fields -> build SamplingParams -> tokenize -> engine.validate (context length)
--> capacity check -> generate. Everything that can be refused is refused before the first engine step, with
+model name and unsupported fields -> the grammar (response_format, or a required tool call) -> tokenize (tools
+through the chat template) -> build SamplingParams -> engine.validate (token ids, context length, grammar
+compiled; the one check, the engine trusts it) -> capacity check -> generate -> tool calls parsed out of the
+output when tools are in play. Everything that can be refused is refused before the first engine step, with
 its 4xx. A streaming response starts only when the first tokens exist, so an error up to then is still an
 HTTP status; a failure after that is an SSE error event, then the stream closes.
 

@@ -90,18 +90,22 @@ def tiny_model(tmp_path_factory) -> Path:
     return Path(tiny_checkpoint(tmp_path_factory.mktemp("server-model") / "llama", arch="llama"))
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    proc = ServerProcess(tiny_model, tmp_path_factory.mktemp("server-log") / "server.log",
-                         "--served-model-name", MODEL_NAME, "--max-model-len", str(MAX_MODEL_LEN),
-                         "--block-size", "4", "--num-kv-blocks", "2048", "--max-num-seqs", "64",
-                         "--max-request-bytes", str(MAX_REQUEST_BYTES))
+def serve_module(model_dir: Path, log_dir: Path, *args: str):
+    """A module's server fixture body: start, yield the healthy server, then check it stopped cleanly and that
+    nothing the tests sent (bad requests, fuzzing, disconnects) made it log a crash."""
+    proc = ServerProcess(model_dir, log_dir / "server.log", "--served-model-name", MODEL_NAME, *args)
     proc.wait_healthy()
     yield proc
     code = proc.stop()
     assert code == 0, f"server exited with {code} after SIGTERM:\n{proc.log_tail()}"
-    # Nothing the tests sent (bad requests, fuzzing, disconnects) made the server log a crash.
     assert "Traceback" not in proc.log_path.read_text(), proc.log_tail(20000)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    yield from serve_module(tiny_model, tmp_path_factory.mktemp("server-log"), "--max-model-len", str(MAX_MODEL_LEN),
+                            "--block-size", "4", "--num-kv-blocks", "2048", "--max-num-seqs", "64",
+                            "--max-request-bytes", str(MAX_REQUEST_BYTES))
 
 
 @pytest.fixture(scope="module")

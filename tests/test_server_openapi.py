@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_server import MODEL_NAME, ServerProcess
+from test_server import serve_module
 
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
 
@@ -21,13 +21,8 @@ def server(tmp_path_factory):
     from longserve.engine.testing import tiny_checkpoint
 
     model = tiny_checkpoint(tmp_path_factory.mktemp("openapi-model") / "llama", arch="llama")
-    proc = ServerProcess(model, tmp_path_factory.mktemp("openapi-log") / "server.log",
-                         "--served-model-name", MODEL_NAME, "--max-model-len", "4096", "--block-size", "16",
-                         "--num-kv-blocks", "4096", "--max-num-seqs", "16")
-    proc.wait_healthy()
-    yield proc
-    assert proc.stop() == 0, proc.log_tail()
-    assert "Traceback" not in proc.log_path.read_text(), proc.log_tail(20000)
+    yield from serve_module(model, tmp_path_factory.mktemp("openapi-log"), "--max-model-len", "4096",
+                            "--block-size", "16", "--num-kv-blocks", "4096", "--max-num-seqs", "16")
 
 
 def test_document_states_the_contract(server):

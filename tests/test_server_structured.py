@@ -16,7 +16,7 @@ import jsonschema
 import openai
 import pytest
 
-from test_server import MODEL_NAME, ServerProcess, assert_openai_error
+from test_server import MODEL_NAME, assert_openai_error, serve_module
 
 CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 MODEL_VOCAB_PADDING = 13  # model rows beyond the tokenizer's vocabulary
@@ -66,13 +66,8 @@ def crafted_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(crafted_model, tmp_path_factory):
-    proc = ServerProcess(crafted_model, tmp_path_factory.mktemp("structured-log") / "server.log",
-                         "--served-model-name", MODEL_NAME, "--max-model-len", "2048", "--block-size", "4",
-                         "--num-kv-blocks", "2048", "--max-num-seqs", "16")
-    proc.wait_healthy()
-    yield proc
-    assert proc.stop() == 0, proc.log_tail()
-    assert "Traceback" not in proc.log_path.read_text(), proc.log_tail(20000)
+    yield from serve_module(crafted_model, tmp_path_factory.mktemp("structured-log"), "--max-model-len", "2048",
+                            "--block-size", "4", "--num-kv-blocks", "2048", "--max-num-seqs", "16")
 
 
 @pytest.fixture(scope="module")
