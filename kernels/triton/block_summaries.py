@@ -1,6 +1,7 @@
-"""Per-block key summaries (kmin / kmax / kmean aux tables) refreshed after a step's cache write, Triton: one
-kernel for every method that scores blocks (HyLRA, superlinear's summary search). Semantics and the PyTorch
-reference: kernels/reference/block_summaries.py.
+"""Per-block key summaries (kmin / kmax / kmean aux tables) refreshed after a step's cache write, and the Quest
+bound over them (a device function for scoring kernels), Triton: one implementation for every method that
+scores blocks (HyLRA, superlinear's summary search). Semantics and the PyTorch reference:
+kernels/reference/block_summaries.py.
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ def _update_summaries_kernel(k_cache, kmin, kmax, kmean, slot_mapping, num_token
         if MEAN:
             mean = tl.sum(keys, axis=0) / (offset + 1).to(tl.float32)
             tl.store(kmean + out, mean.to(kmean.dtype.element_ty), mask=cols < D)
+
+
+@triton.jit
+def quest_bound(q, kmin, kmax, IEEE: tl.constexpr):
+    """[M, N] Quest upper bound of q . k for queries q [M, D] over N blocks whose keys lie within kmin / kmax
+    [N, D]: relu(q) . kmax + min(q, 0) . kmin, accumulated in float32. IEEE: exact float32 products (float32
+    data, the CPU interpreter); else tensor cores in the tables' 16-bit type."""
+    if IEEE:
+        ub = tl.dot(tl.maximum(q, 0.0).to(tl.float32), tl.trans(kmax).to(tl.float32), input_precision="ieee")
+        ub += tl.dot(tl.minimum(q, 0.0).to(tl.float32), tl.trans(kmin).to(tl.float32), input_precision="ieee")
+    else:
+        ub = tl.dot(tl.maximum(q, 0.0).to(kmax.dtype), tl.trans(kmax))
+        ub += tl.dot(tl.minimum(q, 0.0).to(kmin.dtype), tl.trans(kmin))
+    return ub
 
 
 def update_block_summaries(k_cache: torch.Tensor, aux: dict[str, torch.Tensor], slot_mapping: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..base import AttentionMetadata
 from ..reference.hylra import HyLRASelection, make_tiles, tile_selected_count
-from .block_summaries import update_block_bounds, update_block_summaries  # noqa: F401 (kept names)
+from .block_summaries import quest_bound, update_block_bounds, update_block_summaries  # noqa: F401 (kept names)
 from .common import check_same_device, next_power_of_2
 
 
@@ -70,13 +70,8 @@ def _score_blocks_kernel(q, kmin, kmax, kmean, block_tables, tile_seq, tile_q_st
                         bound = tl.dot(qv, tl.trans(lo_keys), input_precision="ieee")
                     else:
                         bound = tl.dot(qv.to(lo_keys.dtype), tl.trans(lo_keys))
-                # Quest bound sum_d max(q_d kmin_d, q_d kmax_d) = relu(q).kmax + min(q, 0).kmin
-                elif IEEE:
-                    bound = tl.dot(tl.maximum(qv, 0.0), tl.trans(hi_keys), input_precision="ieee")
-                    bound += tl.dot(tl.minimum(qv, 0.0), tl.trans(lo_keys), input_precision="ieee")
                 else:
-                    bound = tl.dot(tl.maximum(qv, 0.0).to(hi_keys.dtype), tl.trans(hi_keys))
-                    bound += tl.dot(tl.minimum(qv, 0.0).to(lo_keys.dtype), tl.trans(lo_keys))
+                    bound = quest_bound(qv, lo_keys, hi_keys, IEEE)
                 bound = tl.where(rows[:, None] < q_len, bound, float("-inf"))
                 best = tl.maximum(best, tl.max(bound, axis=0))  # max over the tile's queries
             if SUM_HEADS:
