@@ -70,6 +70,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="teacher-forced fidelity against dense on a shipped text (default on)")
     p.add_argument("--fidelity-lengths", type=_list(_length), default=None,
                    help="text lengths for fidelity (default: --lengths)")
+    p.add_argument("--fidelity-text", default=None, metavar="FILE",
+                   help="UTF-8 text for fidelity (default: the shipped Python reference texts, about 17K tokens)")
+    p.add_argument("--haystack", default=None, metavar="FILE",
+                   help="UTF-8 prose for the tasks' haystacks (default: the shipped Python reference texts)")
     p.add_argument("--fidelity-skip", type=int, default=None,
                    help="score fidelity from this position (default: each method's sinks + local window)")
     p.add_argument("--fidelity-chunk", type=_positive_int, default=512,

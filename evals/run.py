@@ -269,16 +269,19 @@ def make_samples(builder: TaskBuilder, args) -> list[Sample]:
 def run_eval(args) -> dict[str, Any]:
     progress = not args.no_progress
     methods = ["dense"] + [m for m in dict.fromkeys(args.attention) if m != "dense"]
-    max_len = max(args.lengths) + 1
     t0 = time.time()
     engines: dict[str, tuple] = {}
     result: dict[str, Any] = {"settings": settings_of(args, methods), "methods": [], "samples": [],
                               "fidelity": []}
-    samples: list[Sample] = []
+    fidelity_lengths = (args.fidelity_lengths or args.lengths) if args.fidelity and len(methods) > 1 else []
+    samples: list[Sample] | None = None
+    text_ids: list[int] = []
     for method in methods:
-        llm, probe, label = build_engine(args, method, max_len)
-        if not samples and args.tasks:
-            samples = make_samples(TaskBuilder(llm.tokenizer, load_haystack_text()), args)
+        llm, probe, label = build_engine(args, method, max(args.lengths + fidelity_lengths) + 1)
+        if samples is None:  # the first engine brings the tokenizer: build every input before running any
+            samples = make_samples(TaskBuilder(llm.tokenizer, read_text(args.haystack, load_haystack_text)), args)
+            if fidelity_lengths:
+                text_ids = fidelity_tokens(llm.tokenizer, args.fidelity_text, max(fidelity_lengths))
         engines[label] = (llm, probe)
         result["methods"].append({"method": method, "label": label})
         if samples:
@@ -286,26 +289,36 @@ def run_eval(args) -> dict[str, Any]:
                 result["samples"].append({"method": label, **rec})
         if probe.unmeasured:
             result.setdefault("unmeasured", {})[label] = sorted(probe.unmeasured)
-    if args.fidelity and len(engines) > 1:
-        tokenizer = next(iter(engines.values()))[0].tokenizer
-        text_ids = encode_text(tokenizer, load_fidelity_text() + "\n\n" + load_haystack_text())
-        for length in args.fidelity_lengths or args.lengths:
-            result["fidelity"] += run_fidelity(engines, text_ids[:length], args.fidelity_chunk,
-                                               args.fidelity_skip, progress)
+    for length in fidelity_lengths:
+        result["fidelity"] += run_fidelity(engines, text_ids[:length], args.fidelity_chunk, args.fidelity_skip,
+                                           progress)
     result["summary"] = summarize(result)
     result["seconds"] = round(time.time() - t0, 1)
     return result
 
 
-def encode_text(tokenizer, text: str) -> list[int]:
+def fidelity_tokens(tokenizer, path: str | None, length: int) -> list[int]:
+    """The fidelity text's tokens (the shipped texts unless --fidelity-text); an error when it is too short."""
     from ..policies.profiler import encode
 
-    return encode(tokenizer, text)
+    text = read_text(path, lambda: load_fidelity_text() + "\n\n" + load_haystack_text())
+    ids = encode(tokenizer, text)
+    if len(ids) < length:
+        raise EvalError(f"the fidelity text has {len(ids)} tokens, fewer than the length {length} "
+                        "(give a longer one with --fidelity-text)")
+    return ids
+
+
+def read_text(path: str | None, default) -> str:
+    if path is None:
+        return default()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def settings_of(args, methods: list[str]) -> dict[str, Any]:
     keys = ("model", "lengths", "depths", "samples", "seed", "tasks", "chunk", "batch", "device", "dtype",
-            "policy", "fidelity", "fidelity_chunk", "fidelity_skip", "diagnose")
+            "policy", "fidelity", "fidelity_chunk", "fidelity_skip", "fidelity_text", "haystack", "diagnose")
     return {"methods": methods, "attention_config": resolve_attention_config(args),
             **{k: getattr(args, k) for k in keys}}
 

@@ -290,3 +290,16 @@ def test_key_sets_reproduce_each_methods_output(method, params):
     assert checked >= 4 * 3  # at least the decode steps
     share = probe.attended_share(0)
     assert 0.05 < share < 1.0
+
+
+def test_a_fidelity_text_too_short_is_refused_before_anything_runs(tiny, tmp_path, capsys):
+    from longserve.server.cli import main
+
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--model", str(tiny), "--attention", "hylra", "--lengths", "512",
+              "--fidelity-text", str(short), "--no-tasks", "--no-progress"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "fewer than the length 512" in err and len(err.splitlines()) == 1
