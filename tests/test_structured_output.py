@@ -136,6 +136,38 @@ def test_offline_llm_structured_output_and_prompt_checks(tmp_path):
     assert not llm.engine.has_unfinished()
 
 
+def test_each_prompt_checked_once(tmp_path, monkeypatch):
+    """LLM.generate and AsyncEngine.generate check a prompt once; the engine trusts a validated request."""
+    import asyncio
+
+    from longserve.engine.async_engine import AsyncEngine
+    from longserve.engine.config import EngineConfig
+    from longserve.engine.llm import LLM
+    from longserve.engine.llm_engine import LLMEngine
+    from longserve.engine.testing import tiny_checkpoint
+
+    checks = []
+    original = LLMEngine.validate_request
+    monkeypatch.setattr(LLMEngine, "validate_request", lambda self, ids, p: (checks.append(len(ids)),
+                                                                              original(self, ids, p))[1])
+    config = EngineConfig.from_kwargs(model=str(tiny_checkpoint(tmp_path / "m")), device="cpu", dtype="float32",
+                                      num_kv_blocks=64, block_size=4)
+    engine = AsyncEngine(config)
+    try:
+        async def run(**kw):
+            return [out async for out in engine.generate([5, 6, 7], SamplingParams(max_tokens=2), **kw)][-1]
+
+        assert asyncio.run(run()).finished and checks == [3]
+        checks.clear()
+        engine.validate([5, 6, 7, 8], SamplingParams(max_tokens=2))  # the server's one check ...
+        assert asyncio.run(run(validated=True)).finished and checks == [4]  # ... and no other
+    finally:
+        engine.shutdown()
+    checks.clear()
+    LLM.from_config(config).generate([[5, 6], [7, 8, 9]], SamplingParams(max_tokens=2))
+    assert checks == [2, 3]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Tool-call parsers
 
