@@ -120,8 +120,6 @@ class AttentionPlan:
     def validate(self, num_layers: int | None = None) -> None:
         if num_layers is not None and len(self.layers) != num_layers:
             raise BackendError(f"policy has {len(self.layers)} layers but the model has {num_layers}")
-        if self.method not in METHODS:
-            raise BackendError(f"unknown attention method {self.method!r} (expected one of {', '.join(METHODS)})")
         for m in self.method_params:
             if m not in METHODS:
                 raise BackendError(f"policy params: unknown method {m!r} (expected one of {', '.join(METHODS)})")
@@ -153,6 +151,8 @@ class AttentionPlan:
                         "(a reuse layer attends to its source's selection, so it runs its source's method)")
             elif lp.source is not None:
                 raise BackendError(f"policy layer {i}: 'source' is only allowed with mode 'reuse'")
+        if self.method not in METHODS:
+            raise BackendError(f"unknown attention method {self.method!r} (expected one of {', '.join(METHODS)})")
 
     def check_model(self, model_info: dict[str, Any]) -> None:
         """Refuse a policy profiled for another model (architecture or attention shape)."""

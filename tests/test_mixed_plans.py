@@ -99,6 +99,8 @@ def layers_json(*entries):
 @pytest.mark.parametrize("data, match", [
     (layers_json({"mode": "full"}, {"mode": "compute", "method": "sparse"}),
      "policy layer 1: unknown method 'sparse'"),
+    ({"format": POLICY_FORMAT, "layers": [{"mode": "compute", "method": "quest"}]},  # no plan method either
+     "policy layer 0: unknown method 'quest'"),
     (layers_json({"mode": "compute", "method": "superlinear"}, {"mode": "reuse", "source": 0, "method": "hylra"}),
      "policy layer 1: a hylra layer cannot reuse layer 0's superlinear selection"),
     (layers_json({"mode": "compute", "method": "routing"}, {"mode": "compute", "method": "hylra"},
