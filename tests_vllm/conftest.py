@@ -67,10 +67,21 @@ def longserve_section(method: str, policy: str | None = None) -> dict:
     return {"attention": method, "attention_config": METHOD_PARAMS.get(method, {})}
 
 
+_runs: dict[str, dict] = {}
+
+
 def run_vllm(model: str, prompts: list[list[int]], section: dict | None = None, custom: bool = True,
              **options) -> dict:
     """Greedy tokens of every prompt through vLLM: the first two prompts batched together, then the others
-    batched (the third then hits the prefix cache). Returns tokens and cached-token counts."""
+    batched (the third then hits the prefix cache). Returns tokens, cached-token counts and the plugin's state
+    per worker. Runs are remembered for the session (an engine start costs seconds)."""
+    key = json.dumps([model, prompts, section, custom, options], sort_keys=True)
+    if key not in _runs:
+        _runs[key] = _run_vllm(model, prompts, section, custom, **options)
+    return _runs[key]
+
+
+def _run_vllm(model: str, prompts: list[list[int]], section: dict | None, custom: bool, **options) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
@@ -109,7 +120,10 @@ def plugin_state(model) -> dict:
     runtimes = {id(m.impl.runtime): m.impl.runtime for m in model.modules()
                 if getattr(getattr(m, "impl", None), "runtime", None) is not None}
     routing = [r.backend.methods["routing"] for r in runtimes.values() if "routing" in r.backend.methods]
-    return {"runtimes": len(runtimes), "sequences": sum(len(r.seq_ids) for r in runtimes.values()),
+    impl = next((m.impl for m in model.modules() if getattr(getattr(m, "impl", None), "runtime", None) is not None),
+                None)
+    return {"heads": (impl.num_heads, impl.num_kv_heads) if impl is not None else None,
+            "runtimes": len(runtimes), "sequences": sum(len(r.seq_ids) for r in runtimes.values()),
             "routing_tables": sum(len(b.tracked_sequences()) for b in routing),
             "aux_bytes": sum(r.aux_bytes() for r in runtimes.values())}
 
