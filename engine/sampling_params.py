@@ -6,8 +6,6 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import torch
-
 from .errors import RequestError
 from .structured_output import StructuredOutput
 
@@ -97,6 +95,8 @@ class SamplingParams:
     @cached_property
     def logit_bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(token ids, biases) of logit_bias as CPU tensors, built once per request."""
+        import torch  # here, so that `longserve --help` (server/app.py imports this module) never loads torch
+
         items = sorted((self.logit_bias or {}).items())
         return (torch.tensor([t for t, _ in items], dtype=torch.long),
                 torch.tensor([float(b) for _, b in items], dtype=torch.float32))

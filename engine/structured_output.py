@@ -21,11 +21,12 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import RequestError
+
+if TYPE_CHECKING:  # torch is imported by what runs the model, not by `longserve --help`
+    import torch
 
 ANY_JSON_OBJECT = '{"type": "object"}'
 CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped first)
