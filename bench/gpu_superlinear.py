@@ -132,7 +132,7 @@ def reference_selection(q: torch.Tensor, cache: LayerCache, meta: AttentionMetad
         keys = dense_ref.gather_kv(cache.k, meta.block_tables[i], c).double()
         bounds = None
         if params.search == "summary":
-            bounds = tuple(b.double() for b in gather_block_bounds(cache, meta.block_tables[i], c))
+            bounds = tuple(b.double() for b in gather_block_bounds(cache, meta.block_tables[i], c, params))
         sel, _ = ref.select_spans(q[start:start + n].double().transpose(0, 1), keys, meta.positions[start:start + n],
                                   params, bounds=bounds, block_size=cache.k.shape[2])
         r = torch.stack([sel.starts, sel.ends + 1], -1)  # [Hq, n, K, 2]

@@ -37,18 +37,18 @@ def make_params(values: dict[str, Any] | None = None, defaults: dict[str, Any] |
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
                    q_search: torch.Tensor | None = None, sw_index: int = 63, num_spans: int = 3,
                    backward_factor: float = 2.0, forward_factor: float = 1.0, search_power: float = 0.5,
-                   span_power: float = 0.5, combine: str = "gate", search: str = "anchor", impl: str = "auto",
-                   block_size: int = 64) -> torch.Tensor:
+                   span_power: float = 0.5, combine: str = "gate", search: str = "anchor", score: str = "bound",
+                   sink_tokens: int = 0, impl: str = "auto", block_size: int = 64) -> torch.Tensor:
     """Superlinear span attention on contiguous tensors.
 
     q [B, Hq, Lq, D] (RoPE applied), k/v [B, Hkv, Lk, D] at key positions 0..Lk-1, positions [Lq] the
     absolute positions of the queries (< Lk; each query sees keys <= its position). q_search (same shape
     as q) is the search query of a checkpoint with a trained search projection; it defaults to q.
-    block_size is the key block of the summary search's min/max tables. Returns [B, Hq, Lq, D] in q's dtype.
+    block_size is the key block of the summary search's tables. Returns [B, Hq, Lq, D] in q's dtype.
     """
     params = SpanParams(sw_index=sw_index, num_spans=num_spans, backward_factor=backward_factor,
                         forward_factor=forward_factor, search_power=search_power, span_power=span_power,
-                        combine=combine, search=search)
+                        combine=combine, search=search, score=score, sink_tokens=sink_tokens)
     _check_contiguous_inputs(q, k, v, positions, q_search, block_size)
     if resolve_impl(impl, q.device) == "triton":
         from .triton import superlinear as tri  # lazily: CPU-only installs never import triton
@@ -78,18 +78,18 @@ def _check_contiguous_inputs(q, k, v, positions, q_search, block_size) -> None:
 
 # ------------------------------------------------------------------------------------ paged backend
 
-def update_block_bounds(cache: LayerCache, meta: AttentionMetadata) -> None:
-    """Refresh aux kmin/kmax of the blocks this step wrote (after the cache write), PyTorch version
-    (kernels/reference/block_summaries.py, shared with HyLRA)."""
-    update_block_summaries(cache.k, {"kmin": cache.aux["kmin"], "kmax": cache.aux["kmax"]}, meta.slot_mapping)
+def update_block_bounds(cache: LayerCache, meta: AttentionMetadata, params: SpanParams) -> None:
+    """Refresh the summary tables (kmin/kmax, or kmean) of the blocks this step wrote (after the cache
+    write), PyTorch version (kernels/reference/block_summaries.py, shared with HyLRA)."""
+    update_block_summaries(cache.k, {n: cache.aux[n] for n in ref.summary_table_names(params)}, meta.slot_mapping)
 
 
-def gather_block_bounds(cache: LayerCache, block_table: torch.Tensor, context_len: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence's per-block bounds as ([Hkv, nb, D], [Hkv, nb, D])."""
+def gather_block_bounds(cache: LayerCache, block_table: torch.Tensor, context_len: int, params: SpanParams
+                        ) -> tuple[torch.Tensor, ...]:
+    """One sequence's summary tables, each [Hkv, nb, D]: (kmin, kmax) or (kmean,)."""
     nb = (context_len + cache.block_size - 1) // cache.block_size
     ids = block_table[:nb].long()
-    return cache.aux["kmin"][ids].transpose(0, 1), cache.aux["kmax"][ids].transpose(0, 1)
+    return tuple(cache.aux[n][ids].transpose(0, 1) for n in ref.summary_table_names(params))
 
 
 class SuperlinearBackend:
@@ -116,9 +116,7 @@ class SuperlinearBackend:
         self._dense = DenseBackend(impl)
 
     def aux_specs(self, num_kv_heads: int, head_dim: int) -> dict:
-        if self.params.search != "summary":
-            return {}
-        return {"kmin": ((num_kv_heads, head_dim), None), "kmax": ((num_kv_heads, head_dim), None)}
+        return {name: ((num_kv_heads, head_dim), None) for name in ref.summary_table_names(self.params)}
 
     def check(self, setup: BackendSetup) -> None:
         check_impl("superlinear", self.impl, setup.device)
@@ -147,9 +145,10 @@ class SuperlinearBackend:
         dense_kern.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
         if layer.mode == "compute" and self.params.search == "summary":
             if triton:
-                tri.update_block_bounds(cache.k, cache.aux["kmin"], cache.aux["kmax"], meta.slot_mapping)
+                tri.update_block_summaries(cache.k, {n: cache.aux[n] for n in ref.summary_table_names(self.params)},
+                                           meta.slot_mapping)
             else:
-                update_block_bounds(cache, meta)
+                update_block_bounds(cache, meta, self.params)
 
         def sparse(qs: torch.Tensor, m: AttentionMetadata) -> torch.Tensor:
             if layer.mode == "reuse":
@@ -177,7 +176,7 @@ class SuperlinearBackend:
             sl = meta.query_slice(i)
             ctx = meta.context_lens_cpu[i]
             table = meta.block_tables[i]
-            bounds = gather_block_bounds(cache, table, ctx) if self.params.search == "summary" else None
+            bounds = gather_block_bounds(cache, table, ctx, self.params) if self.params.search == "summary" else None
             per_seq.append(ref.paged_span_select(q[sl].transpose(0, 1), cache.k, table, meta.positions[sl],
                                                  self.params, bounds=bounds))
         return SpanSelection(q.shape[0], q.shape[1], per_seq=per_seq)
@@ -223,7 +222,7 @@ def paged_reference(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata,
             continue
         ctx = meta.context_lens_cpu[i]
         table = meta.block_tables[i]
-        bounds = gather_block_bounds(cache, table, ctx) if params.search == "summary" else None
+        bounds = gather_block_bounds(cache, table, ctx, params) if params.search == "summary" else None
         o = ref.paged_span_attention(q[sl].transpose(0, 1), cache.k, cache.v, table, meta.positions[sl], params,
                                      bounds=bounds)
         out[sl] = o.transpose(0, 1)

@@ -176,6 +176,13 @@ def span_geometry(positions: torch.Tensor, params: SpanParams, num_stripes: int)
 
 # ------------------------------------------------------------------------------------------- search
 
+def summary_table_names(params: SpanParams) -> tuple[str, ...]:
+    """The aux tables (per block and KV head) summary search reads: kmin/kmax ("bound") or kmean ("mean")."""
+    if params.search != "summary":
+        return ()
+    return ("kmin", "kmax") if params.score == "bound" else ("kmean",)
+
+
 def summary_tables(k: torch.Tensor, params: SpanParams, block_size: int) -> tuple[torch.Tensor, ...]:
     """The per-block tables summary search reads, from contiguous keys k [Hkv, N, D]: (kmin, kmax) for
     score "bound", (kmean,) for score "mean" (each [Hkv, nb, D]; the last block may be partial)."""

@@ -30,7 +30,7 @@ from ..reference import superlinear as ref
 from ..reference.superlinear import SpanParams
 from . import dense as dense_tri
 from . import sparse
-from .block_summaries import update_block_bounds
+from .block_summaries import update_block_summaries
 from .common import cdiv, check_same_device, interpreting, next_power_of_2
 
 _BLOCK_STRIPES = 64  # stripes scored per iteration
@@ -100,7 +100,7 @@ def step_geometry(meta: AttentionMetadata, params: SpanParams, device: torch.dev
         back=ref.span_reach(t, params.span_power, params.backward_factor),
         fwd=ref.span_reach(t, params.span_power, params.forward_factor),
         offsets=table, max_stripes=max(1, ref.num_valid_stripes(bucket, params)),
-        max_span_len=max_back + max_fwd + 1, max_window_len=min(params.window + 1, bucket),
+        max_span_len=max(max_back + max_fwd + 1, params.sink_tokens), max_window_len=min(params.window + 1, bucket),
         max_blocks=0)
     meta._superlinear_geometry = (key, geom)  # type: ignore[attr-defined]
     return geom
@@ -231,9 +231,11 @@ def _stripe_topk_kernel(QS, KC, UB, positions, token_seq, block_tables, num_stri
 def _select_kernel(CAND_S, CAND_I, positions, sw_start, back, fwd, offsets, RANGES, GATES, token0,
                    s_ct, s_ch, s_rt, s_rh, s_rk, s_gt, s_gh,
                    K: tl.constexpr, KP: tl.constexpr, NUM_SPLITS: tl.constexpr, CP: tl.constexpr,
-                   UNION: tl.constexpr):
+                   UNION: tl.constexpr, SINK: tl.constexpr):
     """Merge the splits' candidates into the top-k stripes and write their spans as [start, end) key ranges
-    (union: later spans clipped to start after earlier ones, so the ranges are disjoint) and gate logits."""
+    (union: later spans clipped to start after earlier ones, so the ranges are disjoint) and gate logits.
+    SINK > 0 (union only): range slot K holds the sinks [0, min(SINK, window start)) and the spans start
+    after them."""
     local = tl.program_id(0).to(tl.int64)
     token = token0 + local
     head = tl.program_id(1)
@@ -271,6 +273,12 @@ def _select_kernel(CAND_S, CAND_I, positions, sw_start, back, fwd, offsets, RANG
         earlier = valid[None, :] & (anchor[None, :] < anchor[:, None])
         prev_end = tl.max(tl.where(earlier, end[None, :], 0), 1)
         start = tl.maximum(start, prev_end)
+        if SINK > 0:
+            sink_end = tl.minimum(ws, SINK)
+            start = tl.maximum(start, sink_end)
+            sink_base = RANGES + local * s_rt + head * s_rh + K * s_rk
+            tl.store(sink_base, tl.zeros([], tl.int32))
+            tl.store(sink_base + 1, sink_end.to(tl.int32))
     start = tl.where(valid, start, 0)
     end = tl.where(valid, end, 0)
     rbase = RANGES + local * s_rt + head * s_rh + slot * s_rk
@@ -282,14 +290,15 @@ def _select_kernel(CAND_S, CAND_I, positions, sw_start, back, fwd, offsets, RANG
 
 @dataclass
 class PagedSelection:
-    ranges: torch.Tensor  # [T, Hq, K, 2] int32 [start, end) of each selected span (union: disjoint)
+    ranges: torch.Tensor  # [T, Hq, K (+ 1 sink range), 2] int32 [start, end) of each span (union: disjoint)
     gates: torch.Tensor | None  # [T, Hq, K] float32 search scores (-inf: no span), gate mode only
     geometry: StepGeometry
 
 
 def select_spans(q_search: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, params: SpanParams,
                  geom: StepGeometry | None = None) -> PagedSelection:
-    """Span search for every step token and query head over the paged cache (aux kmin/kmax for summary)."""
+    """Span search for every step token and query head over the paged cache (summary search reads aux
+    kmin/kmax for score "bound", kmean for score "mean")."""
     tokens, hq, head_dim = q_search.shape
     hkv, page = cache.k.shape[1], cache.k.shape[2]
     device = q_search.device
@@ -303,7 +312,7 @@ def select_spans(q_search: torch.Tensor, cache: LayerCache, meta: AttentionMetad
     ieee = q_search.dtype == torch.float32 or interpreting()
     num_splits = cdiv(geom.max_stripes, _SPLIT_STRIPES) if tokens * hkv < 512 else 1
     split = cdiv(geom.max_stripes, num_splits)
-    ranges = torch.empty(tokens, hq, k, 2, dtype=torch.int32, device=device)
+    ranges = torch.empty(tokens, hq, k + (1 if params.sink_tokens else 0), 2, dtype=torch.int32, device=device)
     gates = None if params.combine == "union" else torch.empty(tokens, hq, k, dtype=torch.float32, device=device)
     if tokens == 0:
         return PagedSelection(ranges, gates, geom)
@@ -316,7 +325,8 @@ def select_spans(q_search: torch.Tensor, cache: LayerCache, meta: AttentionMetad
     for t0 in range(0, tokens, per_slice):
         n = min(per_slice, tokens - t0)
         if summary:
-            kmin, kmax = cache.aux["kmin"], cache.aux["kmax"]
+            # q . kmean = relu(q) . kmean + min(q, 0) . kmean: the bound kernel with kmean on both sides
+            kmin, kmax = (cache.aux["kmin"], cache.aux["kmax"]) if params.score == "bound" else (cache.aux["kmean"],) * 2
             ub = torch.empty(n, hq, max_blocks, dtype=torch.float32, device=device)
             _block_bounds_kernel[(n, hkv, cdiv(max_blocks, _BLOCKS_PER_PROGRAM))](
                 q_search, kmin, kmax, ub, meta.positions, geom.token_seq, bt, t0,
@@ -341,7 +351,7 @@ def select_spans(q_search: torch.Tensor, cache: LayerCache, meta: AttentionMetad
             cand_s, cand_i, meta.positions, geom.sw_start, geom.back, geom.fwd, geom.offsets, r, g, t0,
             cand_s.stride(0), cand_s.stride(1), r.stride(0), r.stride(1), r.stride(2), g.stride(0), g.stride(1),
             K=k, KP=kp, NUM_SPLITS=num_splits, CP=next_power_of_2(num_splits * k),
-            UNION=params.combine == "union", num_warps=1)
+            UNION=params.combine == "union", SINK=params.sink_tokens, num_warps=1)
     return PagedSelection(ranges, gates, geom)
 
 
@@ -372,10 +382,10 @@ def paged_attend(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, se
 
 def paged_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMetadata,
                   params: SpanParams, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The backend's layer step: cache write, bound update (summary), search, attention."""
+    """The backend's layer step: cache write, block summaries update (summary search), search, attention."""
     dense_tri.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
     if params.search == "summary":
-        update_block_bounds(cache.k, cache.aux["kmin"], cache.aux["kmax"], meta.slot_mapping)
+        update_block_summaries(cache.k, {n: cache.aux[n] for n in ref.summary_table_names(params)}, meta.slot_mapping)
     return paged_attention(q, cache, meta, params, out=out)
 
 
@@ -395,7 +405,7 @@ def span_attention_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     cache = LayerCache(paged(k).contiguous(), paged(v).contiguous())
     if params.search == "summary":
-        for name, bound in zip(("kmin", "kmax"), ref.block_bounds(k.reshape(bsz * hkv, lk, d), block_size)):
+        for name, bound in zip(ref.summary_table_names(params), ref.summary_tables(k.reshape(bsz * hkv, lk, d), params, block_size)):
             # [B * Hkv, nb, D] -> [B * nb, Hkv, D]: block j of batch element b is physical block b * nb + j
             cache.aux[name] = bound.view(bsz, hkv, nb, d).transpose(1, 2).reshape(bsz * nb, hkv, d).to(k.dtype)
     device = q.device
