@@ -71,9 +71,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fidelity-lengths", type=_list(_length), default=None,
                    help="text lengths for fidelity (default: --lengths)")
     p.add_argument("--fidelity-text", default=None, metavar="FILE",
-                   help="UTF-8 text for fidelity (default: the shipped Python reference texts, about 17K tokens)")
+                   help="UTF-8 text for fidelity (default: the Python reference texts in policies/calib/, about 17K tokens)")
     p.add_argument("--haystack", default=None, metavar="FILE",
-                   help="UTF-8 prose for the tasks' haystacks (default: the shipped Python reference texts)")
+                   help="UTF-8 prose for the tasks' haystacks (default: evals/data/haystack.txt, about 8K tokens)")
     p.add_argument("--fidelity-skip", type=int, default=None,
                    help="score fidelity from this position (default: each method's sinks + local window)")
     p.add_argument("--fidelity-chunk", type=_positive_int, default=512,

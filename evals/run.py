@@ -301,7 +301,7 @@ def fidelity_tokens(tokenizer, path: str | None, length: int) -> list[int]:
     """The fidelity text's tokens (the shipped texts unless --fidelity-text); an error when it is too short."""
     from ..policies.profiler import encode
 
-    text = read_text(path, lambda: load_fidelity_text() + "\n\n" + load_haystack_text())
+    text = read_text(path, load_fidelity_text)
     ids = encode(tokenizer, text)
     if len(ids) < length:
         raise EvalError(f"the fidelity text has {len(ids)} tokens, fewer than the length {length} "

@@ -1,6 +1,7 @@
 """RULER-style long-context tasks, generated locally and deterministically from a seed.
 
-Every sample is a haystack of real prose (the texts shipped in policies/calib/) cut to a target token length,
+Every sample is a haystack of prose (evals/data/haystack.txt: plain English about a river town, about 8K tokens,
+written for this purpose; or a file given with --haystack) cut to a target token length,
 with one or more needles planted at sentence boundaries, a question after the haystack, and an answer
 prefix that opens the assistant's turn. The prompt is rendered with the model's chat template (as the server
 does). Each answer string occurs exactly once in the prompt; scoring is exact (every answer string must
@@ -24,9 +25,9 @@ from typing import Any, Callable
 
 TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt")
 
+HAYSTACK_FILE = Path(__file__).resolve().parent / "data" / "haystack.txt"
 CALIB_DIR = Path(__file__).resolve().parent.parent / "policies" / "calib"
-HAYSTACK_FILES = ("python-reference.txt", "eval-python-reference.txt")
-FIDELITY_FILE = "eval-python-reference.txt"
+FIDELITY_FILES = ("eval-python-reference.txt", "python-reference.txt")
 
 INSTRUCTION = ("Below is a long text. Hidden in it is a piece of information you will be asked about. "
                "Read it carefully and answer the question after the text.")
@@ -65,11 +66,12 @@ def score(sample_answers: list[str], output: str) -> bool:
 
 
 def load_haystack_text() -> str:
-    return "\n\n".join((CALIB_DIR / name).read_text(encoding="utf-8") for name in HAYSTACK_FILES)
+    return HAYSTACK_FILE.read_text(encoding="utf-8")
 
 
 def load_fidelity_text() -> str:
-    return (CALIB_DIR / FIDELITY_FILE).read_text(encoding="utf-8")
+    """The Python language reference texts shipped for HyLRA's calibration (about 17K tokens in all)."""
+    return "\n\n".join((CALIB_DIR / name).read_text(encoding="utf-8") for name in FIDELITY_FILES)
 
 
 def split_sentences(text: str) -> list[str]:
