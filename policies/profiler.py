@@ -32,7 +32,10 @@ import numpy as np
 import torch
 
 from longserve.kernels.base import AttentionMetadata, LayerCache, StepState
+from longserve.kernels.hylra import validate_params as hylra_validate
 from longserve.kernels.plan import AttentionPlan, LayerPlan
+from longserve.kernels.superlinear import BACKEND_DEFAULTS as SPAN_DEFAULTS
+from longserve.kernels.superlinear import make_params as make_span_params
 from longserve.kernels.reference import dense as ref_dense
 
 from . import dp
@@ -101,9 +104,7 @@ class RecordingBackend:
         self.method_error = {m: [[] for _ in range(num_layers)] for m in cfg.methods}
         self.method_keys = {m: [[] for _ in range(num_layers)] for m in cfg.methods}
         if "superlinear" in cfg.methods:
-            from longserve.kernels.superlinear import BACKEND_DEFAULTS, make_params
-
-            self.span_params = make_params(cfg.method_params.get("superlinear"), BACKEND_DEFAULTS)
+            self.span_params = make_span_params(cfg.method_params.get("superlinear"), SPAN_DEFAULTS)
 
     def aux_specs(self, num_kv_heads: int, head_dim: int) -> dict:
         return {}
@@ -400,9 +401,11 @@ def _method_search_policy(results: dict[str, Any], cfg: ProfileConfig, model_inf
         "attended_share": {m: r4(attended[m]) for m in cfg.methods},
         "chosen": [chosen.get(i, "dense") for i in range(num_layers)],
     }
-    method_params = {m: dict(cfg.method_params.get(m) or {}) for m in set(chosen.values()) if m != "hylra"}
-    if "hylra" in chosen.values() or plan_method == "hylra":
-        method_params["hylra"] = hylra_params
+    # Every parameter written out (defaults resolved), so the policy keeps what was profiled if defaults change.
+    resolved = {"hylra": lambda: hylra_validate(hylra_params),
+                "superlinear": lambda: asdict(make_span_params(cfg.method_params.get("superlinear"),
+                                                               SPAN_DEFAULTS))}
+    method_params = {m: resolved[m]() for m in set(chosen.values()) | {plan_method} if m in resolved}
     plan = AttentionPlan(plan_method, layers, method_params.pop(plan_method, {}), model_info, profile, method_params)
     plan.validate()
     return plan
