@@ -79,9 +79,10 @@ def build_engine(args, method: str, max_len: int):
     return llm, probe, method_label(method, params, policy is not None)
 
 
-def run_tasks(llm, probe: SelectionProbe, samples: list[Sample], label: str, diagnose: bool, progress: bool
-              ) -> list[dict[str, Any]]:
-    """Every sample through the engine (submitted together, stepped to completion); one record per sample."""
+def run_tasks(llm, probe: SelectionProbe, samples: list[Sample], label: str, diagnose: bool, progress: bool,
+              reference: dict[tuple, bool] | None = None) -> list[dict[str, Any]]:
+    """Every sample through the engine (submitted together, stepped to completion); one record per sample.
+    reference: dense's outcome per sample key, for the diagnosis verdict."""
     from tqdm import tqdm
 
     from ..engine import SamplingParams
@@ -114,8 +115,14 @@ def run_tasks(llm, probe: SelectionProbe, samples: list[Sample], label: str, dia
                "attended_decode": None if probe.unmeasured else probe.attended_share(seq_id, "decode")}
         if diagnose:
             rec["diagnosis"] = diagnosis_of(probe, seq_id)
+            dense_ok = (reference or {}).get(sample_key(rec))
+            rec["diagnosis"]["verdict"] = verdict(rec["correct"], dense_ok, rec["diagnosis"]["summary"])
         records.append(rec)
     return records
+
+
+def sample_key(rec: dict[str, Any]) -> tuple:
+    return rec["task"], rec["length"], rec["depth"], rec["index"]
 
 
 def diagnosis_of(probe: SelectionProbe, seq_id: int, need: float = 0.1) -> dict[str, Any]:
@@ -170,10 +177,34 @@ def summarize_diagnosis(layers: list[dict]) -> dict[str, Any]:
                                     if nq else None),
             "missed_within_budget": sum(e["missed_within_budget"] for e in entries),
             "missed_beyond_budget": sum(e["missed_beyond_budget"] for e in entries),
-            "worst_layers": sorted({row["layer"] for row in layers for h in row["heads"]
-                                    if phase in h and h[phase]["recall"] < 1.0})[:10],
+            "missed_in_reuse_layers": sum(h[phase]["missed_within_budget"] + h[phase]["missed_beyond_budget"]
+                                          for row in layers if row["mode"] == "reuse"
+                                          for h in row["heads"] if phase in h),
+            "lowest_recall_layers": [row["layer"] for row in sorted(
+                layers, key=lambda row: sum(h[phase]["recall"] for h in row["heads"] if phase in h))][:5],
         }
     return out
+
+
+def verdict(correct: bool, dense_correct: bool | None, summary: dict[str, Any]) -> str:
+    """Where a sparse method's miss comes from, read off the needle recall (docs/quality.md):
+    ok | model (dense misses too) | prefill (the needle was selected at the answer: the damage is upstream)
+    | selection (most misses in layers reusing another layer's selection) | search (most misses were within
+    the budget: exact attention of the same size would have kept the needle) | budget."""
+    if correct:
+        return "ok"
+    if dense_correct is False:
+        return "model"
+    phase = summary.get("decode") or summary.get("prompt")
+    if not phase:
+        return "unknown"
+    recall = phase["recall_where_needed"] if phase["recall_where_needed"] is not None else phase["recall"]
+    misses = phase["missed_within_budget"] + phase["missed_beyond_budget"]
+    if recall >= 0.9 or misses == 0:
+        return "prefill"
+    if phase["missed_in_reuse_layers"] * 2 > misses:
+        return "selection"
+    return "search" if phase["missed_within_budget"] >= phase["missed_beyond_budget"] else "budget"
 
 
 # -- fidelity -----------------------------------------------------------------------------------------------
@@ -285,7 +316,8 @@ def run_eval(args) -> dict[str, Any]:
         engines[label] = (llm, probe)
         result["methods"].append({"method": method, "label": label})
         if samples:
-            for rec in run_tasks(llm, probe, samples, label, args.diagnose, progress):
+            reference = {sample_key(r): r["correct"] for r in result["samples"] if r["method"] == "dense"}
+            for rec in run_tasks(llm, probe, samples, label, args.diagnose, progress, reference):
                 result["samples"].append({"method": label, **rec})
         if probe.unmeasured:
             result.setdefault("unmeasured", {})[label] = sorted(probe.unmeasured)
@@ -381,25 +413,47 @@ def format_report(result: dict[str, Any]) -> str:
                   "-" if f["kl_p95"] is None else f"{f['kl_p95']:.4f}", _pct(f["top1_agreement"])]
                  for f in result["fidelity"]]
         lines += ["Fidelity against dense (teacher-forced; KL and top-1 over positions >= past)", *_grid(head, table), ""]
-    diag = [s for s in result["samples"] if s.get("diagnosis")]
+    diag = [s for s in result["samples"] if s.get("diagnosis") and s["method"] != "dense"]
     if diag:
-        head = ["method", "task", "length", "depth", "ok", "recall prompt", "recall decode", "where needed",
-                "missed in/out budget"]
+        dense_ok = {sample_key(s): s["correct"] for s in result["samples"] if s["method"] == "dense"}
+        head = ["method", "task", "length", "depth", "dense", "ok", "recall prompt", "recall decode", "where needed",
+                "missed in/out budget", "lowest layers", "verdict"]
         table = []
         for s in diag:
             sm = s["diagnosis"]["summary"]
             p, d = sm.get("prompt", {}), sm.get("decode", {})
             need = d.get("recall_where_needed", p.get("recall_where_needed"))
-            table.append([s["method"], s["task"], _tokens(s["length"]), str(s["depth"]), "yes" if s["correct"] else "no",
+            yes = {True: "yes", False: "no", None: "-"}
+            table.append([s["method"], s["task"], _tokens(s["length"]), str(s["depth"]),
+                          yes[dense_ok.get(sample_key(s))], yes[s["correct"]],
                           _pct(p.get("recall")), _pct(d.get("recall")), _pct(need),
                           f"{p.get('missed_within_budget', 0) + d.get('missed_within_budget', 0)}/"
-                          f"{p.get('missed_beyond_budget', 0) + d.get('missed_beyond_budget', 0)}"])
-        lines += ["Needle recall (--diagnose; per query and head at the question and decode tokens)",
+                          f"{p.get('missed_beyond_budget', 0) + d.get('missed_beyond_budget', 0)}",
+                          ",".join(str(x) for x in (d or p).get("lowest_recall_layers", [])),
+                          s["diagnosis"]["verdict"]])
+        lines += ["Needle recall over the sparse layers (--diagnose; per query and head, at the question's prompt "
+                  "tokens and the decoded tokens; where needed = where dense attention puts >= 10% on the needle)",
                   *_grid(head, table), ""]
+        lines += ["Needle recall per layer at the decoded tokens (mean over samples and heads; - = dense layer)"]
+        for label in dict.fromkeys(s["method"] for s in diag):
+            lines += [f"  {label}", *_layer_recall_lines([s for s in diag if s["method"] == label])]
+        lines.append("")
     for label, kinds in result.get("unmeasured", {}).items():
         lines.append(f"note: {label}: attended share not measured (selection type {', '.join(kinds)} not readable)")
     lines.append(f"{result['seconds']} s")
     return "\n".join(lines)
+
+
+def _layer_recall_lines(samples: list[dict[str, Any]], per_line: int = 10) -> list[str]:
+    recall: dict[int, list[float]] = {}
+    modes: dict[int, str] = {}
+    for s in samples:
+        for row in s["diagnosis"]["layers"]:
+            modes[row["layer"]] = row["mode"]
+            recall.setdefault(row["layer"], []).extend(h["decode"]["recall"] for h in row["heads"] if "decode" in h)
+    cells = [f"L{layer:02d} " + ("  -" if modes[layer] == "full" or not values else f"{sum(values) / len(values):.2f}")
+             for layer, values in sorted(recall.items())]
+    return ["    " + "  ".join(cells[i:i + per_line]) for i in range(0, len(cells), per_line)]
 
 
 def _tokens(n: int) -> str:

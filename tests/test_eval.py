@@ -303,3 +303,19 @@ def test_a_fidelity_text_too_short_is_refused_before_anything_runs(tiny, tmp_pat
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip()
     assert "fewer than the length 512" in err and len(err.splitlines()) == 1
+
+
+def test_verdict_locates_a_miss():
+    from longserve.evals.run import verdict
+
+    def summary(recall, within, beyond, reuse=0, needed=None):
+        return {"decode": {"recall": recall, "recall_where_needed": needed, "missed_within_budget": within,
+                           "missed_beyond_budget": beyond, "missed_in_reuse_layers": reuse}}
+
+    assert verdict(True, True, summary(0.0, 9, 9)) == "ok"
+    assert verdict(False, False, summary(0.0, 9, 9)) == "model"  # dense misses it too
+    assert verdict(False, True, summary(0.3, 10, 2, needed=0.95)) == "prefill"  # kept where it was needed
+    assert verdict(False, True, summary(1.0, 0, 0)) == "prefill"
+    assert verdict(False, True, summary(0.2, 10, 2)) == "search"
+    assert verdict(False, True, summary(0.2, 2, 10)) == "budget"
+    assert verdict(False, True, summary(0.2, 6, 2, reuse=5)) == "selection"
