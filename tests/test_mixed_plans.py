@@ -384,7 +384,7 @@ def test_profile_searches_methods_per_layer(tiny_ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, match", [
     (["--methods", "hylra,quest"], "methods must be distinct names among hylra, superlinear"),
-    (["--methods", "superlinear", "--method-config", '{"superlinear": {"combine": "gate"}}'], "combine='union'"),
+    (["--methods", "superlinear", "--method-config", '{"superlinear": {"combine": "gate", "sink_tokens": 0}}'], "combine='union'"),
     (["--methods", "superlinear", "--method-config", '{"superlinear": {"sw_index": 1}}'], "window of at least"),
     (["--methods", "superlinear", "--method-config", '{"routing": {}}'], "method-config"),
 ])
