@@ -21,7 +21,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from ..kernels.base import AttentionMetadata, BackendError, BackendSetup, StepState
+from ..kernels.base import AttentionMetadata, BackendSetup, StepState
 from .adapter import PluginRuntime
 from .config import SECTION, build_from_section, check_local_layers
 
@@ -92,12 +92,10 @@ class LongserveMetadataBuilder(AttentionMetadataBuilder[LongserveMetadata]):
         impl = next(iter(layers.values())).impl
         setup = BackendSetup(impl.num_heads, impl.num_kv_heads, impl.head_size, kv_cache_spec.block_size,
                              kv_cache_spec.dtype, torch.device(device))
-        try:
-            backend = build_from_section((vllm_config.additional_config or {}).get(SECTION), model_info(vllm_config),
-                                         setup)
-            check_local_layers(backend.plan, list(indices.values()))
-        except BackendError as e:
-            raise ValueError(str(e)) from None
+        # Checked again here: this is what the worker itself runs (its heads, its pipeline stage's layers).
+        extra = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
+        backend = build_from_section(extra.get(SECTION), model_info(vllm_config), setup)
+        check_local_layers(backend.plan, list(indices.values()))
         # One runtime per group of layers that share this metadata (normally the whole model on this worker).
         self.runtime = PluginRuntime(backend, list(indices.values()))
         for name, layer in layers.items():

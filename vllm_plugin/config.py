@@ -22,8 +22,11 @@ def build_from_section(section: Any, model_info: dict[str, Any], setup: BackendS
     """The PlannedBackend that additional_config["longserve"] asks for, on a model described by model_info
     (architecture, num_layers, num_heads, num_kv_heads, head_dim: whole-model figures, before any sharding),
     checked against what one worker runs (setup: its heads, block size, dtype, device)."""
-    backend = _build(section, model_info)
-    backend.check(setup)
+    try:
+        backend = _build(section, model_info)
+        backend.check(setup)
+    except BackendError as e:
+        raise BackendError(str(e) if str(e).startswith("longserve") else f"longserve: {e}") from None
     return backend
 
 

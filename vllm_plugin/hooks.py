@@ -17,10 +17,9 @@ def install() -> None:
     if _installed:
         return
     _installed = True
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    from vllm.engine.arg_utils import EngineArgs
 
     platform = type(current_platform)
     platform_check = platform.check_and_update_config.__func__
@@ -124,10 +123,7 @@ def validate(vllm_config) -> None:
 
     info = model_info(vllm_config)
     device = torch.device("cuda" if current_platform.is_cuda_alike() else current_platform.device_type)
-    try:
-        backend = build_from_section(extra.get(SECTION), info, worker_setup(vllm_config, device))
-    except BackendError as e:
-        raise BackendError(str(e) if str(e).startswith("longserve") else f"longserve: {e}") from None
+    backend = build_from_section(extra.get(SECTION), info, worker_setup(vllm_config, device))
     stages = vllm_config.parallel_config.pipeline_parallel_size
     if stages > 1:
         check_stages(backend.plan, [get_pp_indices(info["num_layers"], r, stages) for r in range(stages)])
