@@ -30,11 +30,13 @@ def _length(text: str) -> int:
 
 
 def _attention_config(text: str) -> dict:
-    """'{"hylra": {...}, "routing": {...}}' (per method) or '{...}' (one dict for every sparse method named)."""
+    """'{"hylra": {...} or [{...}, ...], "routing": ...}' (per method, one or several variants) or '{...}' (one
+    dict for every sparse method named, kept as {"*": ...})."""
     value = _json_object(text)
     if value and all(k in METHOD_NAMES for k in value):
-        if not all(isinstance(v, dict) for v in value.values()):
-            raise argparse.ArgumentTypeError("per-method parameters must be JSON objects")
+        variants = [v for entry in value.values() for v in (entry if isinstance(entry, list) else [entry])]
+        if not all(isinstance(v, dict) for v in variants) or any(v == [] for v in value.values()):
+            raise argparse.ArgumentTypeError("per-method parameters must be JSON objects or non-empty lists of them")
         return value
     return {"*": value}
 
@@ -53,8 +55,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--attention", type=_list(_method), default=["dense", "superlinear", "hylra", "routing"],
                    help="methods, comma-separated (dense is always included; default: all four)")
     p.add_argument("--attention-config", type=_attention_config, default={}, metavar="JSON",
-                   help='parameters per method, \'{"hylra": {"topk_tokens": 512}, "routing": {...}}\', or one '
-                        "object applied to every sparse method named")
+                   help='parameters per method, \'{"hylra": {"topk_tokens": 512}, "routing": {...}}\'; a list '
+                        'runs several variants side by side, \'{"hylra": [{"topk_tokens": 512}, '
+                        '{"topk_tokens": 256}]}\'; or one object applied to every sparse method named')
     p.add_argument("--policy", default=None, metavar="FILE",
                    help="a policy file (longserve profile); used for the method it names")
     p.add_argument("--lengths", type=_list(_length), default=[2048],

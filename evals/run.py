@@ -40,27 +40,34 @@ def method_label(method: str, params: dict, policy: bool) -> str:
     return f"{label} [{inner}]" if inner else label
 
 
-def resolve_attention_config(args) -> dict[str, dict]:
-    """--attention-config as {method: params}: a flat object (parsed as {"*": ...}) applies to every sparse
-    method named; per-method objects must name methods in --attention."""
+def resolve_attention_config(args) -> dict[str, list[dict]]:
+    """--attention-config as {method: [params, ...]} (one engine per entry; a method given one object has one
+    variant): a flat object (parsed as {"*": ...}) applies to every sparse method named; per-method entries
+    must name methods in --attention."""
     config = dict(args.attention_config)
     shared = config.pop("*", None)
     if shared is not None:
-        return {m: dict(shared) for m in args.attention if m != "dense"}
+        return {m: [dict(shared)] for m in args.attention if m != "dense"}
     unknown = sorted(set(config) - set(args.attention))
     if unknown:
         raise EvalError(f"--attention-config names {', '.join(unknown)}, not in --attention")
-    return config
+    return {m: [dict(p) for p in (v if isinstance(v, list) else [v])] for m, v in config.items()}
 
 
-def build_engine(args, method: str, max_len: int):
+def method_runs(args) -> list[tuple[str, dict]]:
+    """(method, parameters) of every engine to run: dense first, then each variant of each method."""
+    config = resolve_attention_config(args)
+    methods = [m for m in dict.fromkeys(args.attention) if m != "dense"]
+    return [("dense", {})] + [(m, p) for m in methods for p in config.get(m) or [{}]]
+
+
+def build_engine(args, method: str, params: dict, max_len: int):
     """An LLM for `method` with the eval's settings: prefix caching off (every prompt is prefilled in full, so
     the attended share covers it), --chunk tokens per step, at most --batch prompts at once and a KV cache
     sized for them (unless --kv-cache-memory-gb is given)."""
     from ..engine.llm import LLM
     from ..engine.llm_engine import resolve_device
 
-    params = resolve_attention_config(args).get(method, {})
     policy = None
     if args.policy and method != "dense" and AttentionPlan.load(args.policy).method == method:
         policy = args.policy
@@ -225,25 +232,23 @@ def local_window(backend, block_size: int) -> int:
 
 
 @torch.inference_mode()
-def run_fidelity(engines: dict[str, tuple], token_ids: list[int], chunk: int, skip: int | None,
-                 progress: bool) -> list[dict[str, Any]]:
-    """Teacher-forced chunked prefill of token_ids through every method's model and backend in lockstep;
-    per sparse method: perplexities (all positions, and past its window) of both, KL(dense || method) and
-    top-1 agreement past the window. engines: label -> (llm, probe); the first is dense."""
+def run_fidelity(model, block_size: int, probes: dict[str, SelectionProbe], token_ids: list[int], chunk: int,
+                 skip: int | None, progress: bool) -> list[dict[str, Any]]:
+    """Teacher-forced chunked prefill of token_ids through the model with every method's backend in lockstep
+    (the backends hold no weights: one model serves them all); per sparse method: perplexities (all
+    positions, and past its window) of both, KL(dense || method) and top-1 agreement past the window.
+    probes: label -> the method's (wrapped) backend; the first is dense."""
     from tqdm import tqdm
 
     from ..policies.evaluate import paged_cache_for, prefill_chunks
 
     n = len(token_ids)
-    streams, probes = {}, {}
-    for label, (llm, probe) in engines.items():
-        model = llm.engine.runner.model
-        bs = llm.engine.runner.block_size
+    streams = {}
+    for label, probe in probes.items():
         probe.counts.clear()  # the tasks' counts are recorded already; seq id 0 is this text now
-        caches, table = paged_cache_for(model, probe, n, bs)
-        streams[label] = prefill_chunks(model, token_ids, probe, caches, table, bs, chunk)
-        probes[label] = probe
-    labels = list(engines)
+        caches, table = paged_cache_for(model, probe, n, block_size)
+        streams[label] = prefill_chunks(model, token_ids, probe, caches, table, block_size, chunk)
+    labels = list(probes)
     dense = labels[0]
     ids = torch.tensor(token_ids)
     nll = {lb: [] for lb in labels}
@@ -267,8 +272,8 @@ def run_fidelity(engines: dict[str, tuple], token_ids: list[int], chunk: int, sk
     out = []
     nll = {lb: torch.cat(v) for lb, v in nll.items()}
     for lb in labels[1:]:
-        llm, probe = engines[lb]
-        tail = skip if skip is not None else local_window(probe.inner, llm.engine.runner.block_size)
+        probe = probes[lb]
+        tail = skip if skip is not None else local_window(probe.inner, block_size)
         tail = min(tail, n - 2)
         kls, ags = torch.cat(kl[lb])[tail:], torch.cat(agree[lb])[tail:]
         out.append({
@@ -299,21 +304,24 @@ def make_samples(builder: TaskBuilder, args) -> list[Sample]:
 
 def run_eval(args) -> dict[str, Any]:
     progress = not args.no_progress
-    methods = ["dense"] + [m for m in dict.fromkeys(args.attention) if m != "dense"]
+    runs = method_runs(args)
     t0 = time.time()
-    engines: dict[str, tuple] = {}
-    result: dict[str, Any] = {"settings": settings_of(args, methods), "methods": [], "samples": [],
-                              "fidelity": []}
-    fidelity_lengths = (args.fidelity_lengths or args.lengths) if args.fidelity and len(methods) > 1 else []
+    probes: dict[str, SelectionProbe] = {}
+    result: dict[str, Any] = {"settings": settings_of(args, runs), "methods": [], "samples": [], "fidelity": []}
+    fidelity_lengths = (args.fidelity_lengths or args.lengths) if args.fidelity and len(runs) > 1 else []
     samples: list[Sample] | None = None
     text_ids: list[int] = []
-    for method in methods:
-        llm, probe, label = build_engine(args, method, max(args.lengths + fidelity_lengths) + 1)
+    dense_llm = None
+    for method, params in runs:
+        llm, probe, label = build_engine(args, method, params, max(args.lengths + fidelity_lengths) + 1)
+        if label in probes:
+            raise EvalError(f"{label} is listed twice")
         if samples is None:  # the first engine brings the tokenizer: build every input before running any
             samples = make_samples(TaskBuilder(llm.tokenizer, read_text(args.haystack, load_haystack_text)), args)
             if fidelity_lengths:
                 text_ids = fidelity_tokens(llm.tokenizer, args.fidelity_text, max(fidelity_lengths))
-        engines[label] = (llm, probe)
+            dense_llm = llm  # kept for fidelity: its model serves every method's backend
+        probes[label] = probe
         result["methods"].append({"method": method, "label": label})
         if samples:
             reference = {sample_key(r): r["correct"] for r in result["samples"] if r["method"] == "dense"}
@@ -321,9 +329,11 @@ def run_eval(args) -> dict[str, Any]:
                 result["samples"].append({"method": label, **rec})
         if probe.unmeasured:
             result.setdefault("unmeasured", {})[label] = sorted(probe.unmeasured)
+        del llm  # the next engine's weights and KV cache take its place
     for length in fidelity_lengths:
-        result["fidelity"] += run_fidelity(engines, text_ids[:length], args.fidelity_chunk, args.fidelity_skip,
-                                           progress)
+        runner = dense_llm.engine.runner
+        result["fidelity"] += run_fidelity(runner.model, runner.block_size, probes, text_ids[:length],
+                                           args.fidelity_chunk, args.fidelity_skip, progress)
     result["summary"] = summarize(result)
     result["seconds"] = round(time.time() - t0, 1)
     return result
@@ -348,10 +358,10 @@ def read_text(path: str | None, default) -> str:
         return f.read()
 
 
-def settings_of(args, methods: list[str]) -> dict[str, Any]:
+def settings_of(args, runs: list[tuple[str, dict]]) -> dict[str, Any]:
     keys = ("model", "lengths", "depths", "samples", "seed", "tasks", "chunk", "batch", "device", "dtype",
             "policy", "fidelity", "fidelity_chunk", "fidelity_skip", "fidelity_text", "haystack", "diagnose")
-    return {"methods": methods, "attention_config": resolve_attention_config(args),
+    return {"methods": [m for m, _ in runs], "attention_config": [p for _, p in runs],
             **{k: getattr(args, k) for k in keys}}
 
 

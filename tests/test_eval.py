@@ -170,7 +170,7 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tiny, tmp_path, capsys):
 
     out = tmp_path / "eval.json"
     args = _eval_args("--model", str(tiny), "--lengths", "640", "--depths", "0.5", "--tasks", "passkey,vt",
-                      "--attention", "hylra", "--attention-config", '{"topk_tokens": 64}', "--diagnose",
+                      "--attention", "hylra", "--attention-config", '{"hylra": [{"topk_tokens": 64}]}', "--diagnose",
                       "--fidelity-chunk", "128", "--chunk", "256", "--json", str(out), "--no-progress")
     assert run(args) == 0
     report = capsys.readouterr().out
@@ -201,13 +201,13 @@ def test_fidelity_of_a_budget_covering_everything_is_exact(tiny):
 
     args = _eval_args("--model", str(tiny), "--attention", "hylra",
                       "--attention-config", '{"hylra": {"topk_tokens": 4096}}')
-    args.attention_config = {"hylra": {"topk_tokens": 4096}}
-    engines = {}
-    for method in ("dense", "hylra"):
-        llm, probe, label = build_engine(args, method, 1024)
-        engines[label] = (llm, probe)
+    probes = {}
+    for method, params in (("dense", {}), ("hylra", {"topk_tokens": 4096})):
+        llm, probe, label = build_engine(args, method, params, 1024)
+        probes[label] = probe
     ids = [random.Random(0).randrange(3, 200) for _ in range(300)]
-    (fid,) = run_fidelity(engines, ids, chunk=64, skip=32, progress=False)
+    runner = llm.engine.runner
+    (fid,) = run_fidelity(runner.model, runner.block_size, probes, ids, chunk=64, skip=32, progress=False)
     assert fid["kl_mean"] < 1e-6 and fid["top1_agreement"] == 1.0
     assert fid["ppl"] == pytest.approx(fid["ppl_dense"], rel=1e-5)
     assert fid["attended"] == pytest.approx(1.0)
@@ -219,6 +219,7 @@ def test_fidelity_of_a_budget_covering_everything_is_exact(tiny):
     (["--depths", "1.5"], "expected a number in [0, 1]"),
     (["--tasks", "passkey,bogus"], "unknown task"),
     (["--attention-config", "{not json"], "not valid JSON"),
+    (["--attention-config", "{\"hylra\": []}"], "non-empty lists"),
     (["--attention", "hylra", "--attention-config", '{"routing": {"window": 64}}'], "not in --attention"),
 ])
 def test_bad_flags_give_one_line_and_a_nonzero_exit(argv, needle, capsys):
@@ -319,3 +320,18 @@ def test_verdict_locates_a_miss():
     assert verdict(False, True, summary(0.2, 10, 2)) == "search"
     assert verdict(False, True, summary(0.2, 2, 10)) == "budget"
     assert verdict(False, True, summary(0.2, 6, 2, reuse=5)) == "selection"
+
+
+def test_attention_config_variants_run_side_by_side():
+    from longserve.evals.run import EvalError, method_label, method_runs
+
+    args = _eval_args("--attention", "routing,hylra",
+                      "--attention-config", '{"hylra": [{"topk_tokens": 512}, {"topk_tokens": 256}]}')
+    assert method_runs(args) == [("dense", {}), ("routing", {}), ("hylra", {"topk_tokens": 512}),
+                                 ("hylra", {"topk_tokens": 256})]
+    labels = {method_label(m, p, False) for m, p in method_runs(args)}
+    assert len(labels) == 4
+    flat = _eval_args("--attention", "hylra,routing", "--attention-config", '{"prefill": "dense"}')
+    assert method_runs(flat)[1:] == [("hylra", {"prefill": "dense"}), ("routing", {"prefill": "dense"})]
+    with pytest.raises(EvalError, match="not in --attention"):
+        method_runs(_eval_args("--attention", "hylra", "--attention-config", '{"routing": [{"window": 64}]}'))
