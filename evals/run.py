@@ -4,8 +4,8 @@ Per method one engine (engine/llm.py's LLM, the same model runner, scheduler and
 backend wrapped in a SelectionProbe (evals/probe.py) that measures the share of keys attended and, with
 --diagnose, the needle recall. Then:
   tasks     RULER-style prompts (evals/tasks.py) through the engine, all prompts of a method batched, greedy
-  fidelity  teacher-forced chunked prefill of a shipped text through each method's model and backend in
-            lockstep with dense: perplexity, KL(dense || method) of the next-token distribution and top-1
+  fidelity  teacher-forced chunked prefill of a shipped text through the model with each method's backend,
+            in lockstep with dense: perplexity, KL(dense || method) of the next-token distribution and top-1
             agreement over the positions past the method's local window
 """
 
@@ -54,23 +54,25 @@ def resolve_attention_config(args) -> dict[str, list[dict]]:
     return {m: [dict(p) for p in (v if isinstance(v, list) else [v])] for m, v in config.items()}
 
 
-def method_runs(args) -> list[tuple[str, dict]]:
-    """(method, parameters) of every engine to run: dense first, then each variant of each method."""
+def method_runs(args) -> list[tuple[str, dict, str | None]]:
+    """(method, parameters, policy file or None) of every engine to run: dense first, then each variant of each
+    method; --policy goes to the variants of the method it names."""
     config = resolve_attention_config(args)
     methods = [m for m in dict.fromkeys(args.attention) if m != "dense"]
-    return [("dense", {})] + [(m, p) for m in methods for p in config.get(m) or [{}]]
+    policy_method = AttentionPlan.load(args.policy).method if args.policy else None
+    if policy_method is not None and policy_method not in methods:
+        raise EvalError(f"the policy {args.policy} is for {policy_method}, which is not in --attention")
+    return [("dense", {}, None)] + [(m, p, args.policy if m == policy_method else None)
+                                    for m in methods for p in config.get(m) or [{}]]
 
 
-def build_engine(args, method: str, params: dict, max_len: int):
+def build_engine(args, method: str, params: dict, max_len: int, policy: str | None = None):
     """An LLM for `method` with the eval's settings: prefix caching off (every prompt is prefilled in full, so
     the attended share covers it), --chunk tokens per step, at most --batch prompts at once and a KV cache
     sized for them (unless --kv-cache-memory-gb is given)."""
     from ..engine.llm import LLM
     from ..engine.llm_engine import resolve_device
 
-    policy = None
-    if args.policy and method != "dense" and AttentionPlan.load(args.policy).method == method:
-        policy = args.policy
     block = args.block_size or (64 if resolve_device(args.device).type == "cuda" else 16)
     blocks = None if args.kv_cache_memory_gb else args.batch * (-(-max_len // block) + 1)
     config = EngineConfig(model=args.model, attention=method, attention_config=params, policy=policy,
@@ -312,8 +314,8 @@ def run_eval(args) -> dict[str, Any]:
     samples: list[Sample] | None = None
     text_ids: list[int] = []
     dense_llm = None
-    for method, params in runs:
-        llm, probe, label = build_engine(args, method, params, max(args.lengths + fidelity_lengths) + 1)
+    for method, params, policy in runs:
+        llm, probe, label = build_engine(args, method, params, max(args.lengths + fidelity_lengths) + 1, policy)
         if label in probes:
             raise EvalError(f"{label} is listed twice")
         if samples is None:  # the first engine brings the tokenizer: build every input before running any
@@ -358,10 +360,10 @@ def read_text(path: str | None, default) -> str:
         return f.read()
 
 
-def settings_of(args, runs: list[tuple[str, dict]]) -> dict[str, Any]:
+def settings_of(args, runs: list[tuple[str, dict, str | None]]) -> dict[str, Any]:
     keys = ("model", "lengths", "depths", "samples", "seed", "tasks", "chunk", "batch", "device", "dtype",
             "policy", "fidelity", "fidelity_chunk", "fidelity_skip", "fidelity_text", "haystack", "diagnose")
-    return {"methods": [m for m, _ in runs], "attention_config": [p for _, p in runs],
+    return {"methods": [m for m, _, _ in runs], "attention_config": [p for _, p, _ in runs],
             **{k: getattr(args, k) for k in keys}}
 
 

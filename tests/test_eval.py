@@ -327,11 +327,23 @@ def test_attention_config_variants_run_side_by_side():
 
     args = _eval_args("--attention", "routing,hylra",
                       "--attention-config", '{"hylra": [{"topk_tokens": 512}, {"topk_tokens": 256}]}')
-    assert method_runs(args) == [("dense", {}), ("routing", {}), ("hylra", {"topk_tokens": 512}),
-                                 ("hylra", {"topk_tokens": 256})]
-    labels = {method_label(m, p, False) for m, p in method_runs(args)}
+    assert method_runs(args) == [("dense", {}, None), ("routing", {}, None), ("hylra", {"topk_tokens": 512}, None),
+                                 ("hylra", {"topk_tokens": 256}, None)]
+    labels = {method_label(m, p, False) for m, p, _ in method_runs(args)}
     assert len(labels) == 4
     flat = _eval_args("--attention", "hylra,routing", "--attention-config", '{"prefill": "dense"}')
-    assert method_runs(flat)[1:] == [("hylra", {"prefill": "dense"}), ("routing", {"prefill": "dense"})]
+    assert method_runs(flat)[1:] == [("hylra", {"prefill": "dense"}, None), ("routing", {"prefill": "dense"}, None)]
     with pytest.raises(EvalError, match="not in --attention"):
         method_runs(_eval_args("--attention", "hylra", "--attention-config", '{"routing": [{"window": 64}]}'))
+
+
+def test_a_policy_goes_to_the_method_it_names(tmp_path):
+    from longserve.evals.run import EvalError, method_runs
+    from longserve.kernels.plan import AttentionPlan
+
+    policy = tmp_path / "p.json"
+    AttentionPlan.default("hylra", 4, {"topk_tokens": 64}).save(policy)
+    runs = method_runs(_eval_args("--attention", "hylra,routing", "--policy", str(policy)))
+    assert runs == [("dense", {}, None), ("hylra", {}, str(policy)), ("routing", {}, None)]
+    with pytest.raises(EvalError, match="not in --attention"):
+        method_runs(_eval_args("--attention", "routing", "--policy", str(policy)))
