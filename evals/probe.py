@@ -275,6 +275,7 @@ class SelectionProbe:
         hq, hkv, d = q_rows.shape[1], keys.shape[0], keys.shape[2]
         qf = q_rows.float().reshape(len(positions), hkv, hq // hkv, d)
         scores = torch.einsum("mhgd,hnd->mhgn", qf, keys).reshape(len(positions), hq, n) * d ** -0.5
+        scores = scores.cpu()  # a handful of queries: the bookkeeping below is on the host
         pos = torch.tensor(positions)
         scores = scores.masked_fill(torch.arange(n)[None, None, :] > pos[:, None, None], float("-inf"))
         return torch.softmax(scores, dim=-1), scores

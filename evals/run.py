@@ -225,7 +225,7 @@ def local_window(backend, block_size: int) -> int:
     method = getattr(backend, "method", None)
     params = getattr(method, "params", None)
     if isinstance(params, SpanParams):
-        return params.window + 1
+        return params.window + 1 + params.sink_tokens
     if isinstance(params, dict) and "recent_blocks" in params:
         return (params["sink_blocks"] + params["recent_blocks"]) * block_size
     if isinstance(params, dict) and "window" in params:

@@ -250,6 +250,7 @@ def test_a_model_that_does_not_load_is_one_line(tmp_path, capsys):
                  "sink_tokens": 4, "prefill_tile": 32}),
     ("superlinear", {"sw_index": 11}),
     ("superlinear", {"sw_index": 11, "prefill": "dense"}),
+    ("superlinear", {"sw_index": 11, "sink_tokens": 8}),
 ])
 def test_key_sets_reproduce_each_methods_output(method, params):
     """Softmax attention restricted to the probe's key set of every query and head equals the method's own
