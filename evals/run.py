@@ -97,21 +97,27 @@ def run_tasks(llm, probe: SelectionProbe, samples: list[Sample], label: str, dia
     from ..engine import SamplingParams
 
     engine = llm.engine
-    ids = {}
+    ids, seqs = {}, []
     for s in samples:
         rid = engine.add_request(s.prompt_ids, SamplingParams(max_tokens=MAX_TOKENS[s.task], temperature=0.0))
         seq = engine.requests[rid].seqs[0]
         ids[rid] = (s, seq.seq_id)
+        seqs.append(seq)
         if diagnose:
             probe.watch(seq.seq_id, s.evidence_positions, s.question_start, len(s.prompt_ids))
     done: dict[str, Any] = {}
-    bar = tqdm(total=len(samples), desc=label[:40], unit="prompt", file=sys.stderr, disable=not progress)
+    # Progress in tokens computed (prompts are batched, so whole prompts finish late and together).
+    total = sum(len(s.prompt_ids) + MAX_TOKENS[s.task] for s in samples)
+    bar = tqdm(total=total, desc=label[:40], unit="tok", file=sys.stderr, disable=not progress)
     try:
         while len(done) < len(samples):
             for out in engine.step():
                 if out.finished and out.request_id in ids:
                     done[out.request_id] = out
-                    bar.update(1)
+            computed = sum(len(s.prompt_ids) + MAX_TOKENS[s.task] if seq.is_finished else seq.num_computed_tokens
+                           for s, seq in zip(samples, seqs))
+            bar.set_postfix_str(f"{len(done)}/{len(samples)} prompts")
+            bar.update(computed - bar.n)
     finally:
         bar.close()
     records = []
