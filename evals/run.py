@@ -24,7 +24,7 @@ from ..engine.config import EngineConfig
 from ..engine.errors import EngineError
 from ..kernels.plan import AttentionPlan
 from .probe import SelectionProbe
-from .tasks import Sample, TaskBuilder, load_fidelity_text, load_haystack_text, score
+from .tasks import Sample, TaskBuilder, encode, load_fidelity_text, load_haystack_text, score
 
 # Greedy tokens per task: room for the answer (4 seven-digit numbers for multivalue) and a little more.
 MAX_TOKENS = {"passkey": 12, "niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "vt": 12}
@@ -349,8 +349,6 @@ def run_eval(args) -> dict[str, Any]:
 
 def fidelity_tokens(tokenizer, path: str | None, length: int) -> list[int]:
     """The fidelity text's tokens (the shipped texts unless --fidelity-text); an error when it is too short."""
-    from ..policies.profiler import encode
-
     text = read_text(path, load_fidelity_text)
     ids = encode(tokenizer, text)
     if len(ids) < length:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..policies.profiler import encode
+
 TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt")
 
 HAYSTACK_FILE = Path(__file__).resolve().parent / "data" / "haystack.txt"
@@ -91,14 +93,7 @@ class TaskBuilder:
     def __init__(self, tokenizer: Any, haystack_text: str | None = None):
         self.tokenizer = tokenizer
         self.sentences = split_sentences(haystack_text if haystack_text is not None else load_haystack_text())
-        self.sentence_tokens = [len(self._encode(s)) for s in self.sentences]
-
-    def _encode(self, text: str) -> list[int]:
-        try:
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        except TypeError:
-            ids = self.tokenizer.encode(text)
-        return list(getattr(ids, "ids", ids))
+        self.sentence_tokens = [len(encode(tokenizer, s)) for s in self.sentences]
 
     # -- prompt rendering ------------------------------------------------------------------------------------
     def render(self, context: str, question: str, answer_prefix: str) -> str:
