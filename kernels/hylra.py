@@ -13,7 +13,7 @@ Parameters (plan.params):
   topk_tokens   2048   token budget per query tile, sinks and recent blocks included (rounded up to blocks)
   sink_blocks   1      first blocks always kept
   recent_blocks 4      most recent blocks always kept, counting the query's own block (>= 1)
-  per_head      false  each query head selects for itself instead of one selection per GQA group
+  per_head      true   each query head selects for itself (false: one selection per GQA group)
   head_reduce   "max"  how a GQA group's per-head block scores combine: "max" or "sum"
   prefill_tile  64     query tokens per selection tile in prefill
   score         "mean" block score: "mean" = q . mean key (aux table kmean), "bound" = Quest upper bound
@@ -41,7 +41,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "topk_tokens": 2048,
     "sink_blocks": 1,
     "recent_blocks": 4,
-    "per_head": False,
+    "per_head": True,
     "head_reduce": "max",
     "prefill_tile": 64,
     "score": "mean",

@@ -19,12 +19,13 @@ from .plan import AttentionPlan, LayerPlan
 from .params import check_impl_name, with_defaults
 from .reference import dense as dense_ref
 from .reference import superlinear as ref
-from .reference.block_summaries import update_block_summaries
+from .reference.block_summaries import summarize_full_blocks, update_block_summaries
 from .reference.superlinear import SpanParams
 
-# The engine's defaults for ordinary checkpoints (no trained search projection): summary search finds a
-# strong key anywhere in a span; union merges spans and window exactly.
-BACKEND_DEFAULTS = {"search": "summary", "combine": "union"}
+# The engine's defaults for ordinary checkpoints (no trained search projection): summary search scored by the
+# blocks' mean keys (the Quest bound misses needles on real weights, docs/superlinear.md), union merges spans,
+# sinks and window exactly.
+BACKEND_DEFAULTS = {"search": "summary", "combine": "union", "score": "mean", "sink_tokens": 16}
 PREFILL_DEFAULT = "sparse"  # how prompt chunks attend: "sparse" or "dense" (kernels/prefill.py)
 
 
@@ -109,7 +110,10 @@ class SuperlinearBackend:
         impl = raw.pop("impl", impl)
         self.impl = check_impl_name("superlinear", impl)
         self.prefill = check_prefill("superlinear", raw.pop("prefill", PREFILL_DEFAULT))
-        self.params = make_params(raw, BACKEND_DEFAULTS)
+        defaults = dict(BACKEND_DEFAULTS)
+        if raw.get("combine", defaults["combine"]) != "union":
+            defaults["sink_tokens"] = 0  # sinks join the union only
+        self.params = make_params(raw, defaults)
         self.plan = plan if isinstance(plan, AttentionPlan) else None  # None: every layer computes
         if self.plan is not None:
             self.plan.validate()
@@ -117,6 +121,10 @@ class SuperlinearBackend:
 
     def aux_specs(self, num_kv_heads: int, head_dim: int) -> dict:
         return {name: ((num_kv_heads, head_dim), None) for name in ref.summary_table_names(self.params)}
+
+    def prepare_synthetic(self, layer_idx: int, cache: LayerCache, num_blocks: int) -> None:
+        """Rebuild the summary tables of blocks [0, num_blocks) written directly into the cache, all full (benches)."""
+        summarize_full_blocks(cache.k, {n: cache.aux[n] for n in ref.summary_table_names(self.params)}, num_blocks)
 
     def check(self, setup: BackendSetup) -> None:
         check_impl("superlinear", self.impl, setup.device)

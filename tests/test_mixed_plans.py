@@ -135,10 +135,13 @@ def test_attention_config_overrides_per_method():
 
 def test_aux_tables_are_the_union():
     hq = PlannedBackend(AttentionPlan("hylra", [LayerPlan("compute"), LayerPlan("compute", method="superlinear")],
-                                      {"score": "bound"}))
+                                      {"score": "bound"}, method_params={"superlinear": {"score": "bound"}}))
     assert sorted(hq.aux_specs(HKV, D)) == ["kmax", "kmin"]  # the same tables: one allocation
+    both = PlannedBackend(AttentionPlan("hylra", [LayerPlan("compute"), LayerPlan("compute", method="superlinear")],
+                                        {"score": "bound"}))
+    assert sorted(both.aux_specs(HKV, D)) == ["kmax", "kmean", "kmin"]  # superlinear scores by mean keys
     mean = PlannedBackend(mixed_plan())
-    assert sorted(mean.aux_specs(HKV, D)) == ["kmax", "kmean", "kmin"]
+    assert sorted(mean.aux_specs(HKV, D)) == ["kmean"]
 
 
 # ---------------------------------------------------------------- layer by layer
@@ -423,8 +426,8 @@ def test_bench_throughput_runs_policies(tmp_path, capsys):
     assert set(rows) == {"dense", "policy:mixed"}  # dense is the baseline by default
     row = rows["policy:mixed"]
     assert row["decode_ms_per_step"] > 0 and row["decode_speedup_vs_dense"] > 0
-    # each layer's tables rebuilt by its own method: superlinear's bounds, hylra's mean keys
-    assert row["aux_tables"] == ["kmin/kmax rebuilt from the keys", "prepare_synthetic"] and row["aux_bytes"] > 0
+    # each layer's tables rebuilt by its own method (superlinear's and hylra's prepare_synthetic)
+    assert row["aux_tables"] == ["prepare_synthetic"] and row["aux_bytes"] > 0
 
     wrong = AttentionPlan("hylra", [LayerPlan("compute")] * 3, {}, {**info, "num_layers": 3})
     wrong.save(tmp_path / "wrong.json")

@@ -378,7 +378,12 @@ def test_backend_rejects_unknown_parameters_and_impl():
         SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"impl": "cuda"}))
     b = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"num_spans": 2, "impl": "torch"}))
     assert (b.params.num_spans, b.params.search, b.params.combine, b.impl) == (2, "summary", "union", "torch")
-    assert set(b.aux_specs(2, 8)) == {"kmin", "kmax"}
+    assert (b.params.score, b.params.sink_tokens) == ("mean", 16)
+    assert set(b.aux_specs(2, 8)) == {"kmean"}
+    bound = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"score": "bound"}))
+    assert set(bound.aux_specs(2, 8)) == {"kmin", "kmax"}
+    gate = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"combine": "gate"}))
+    assert gate.params.sink_tokens == 0  # sinks join the union only
     assert SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"search": "anchor"})).aux_specs(2, 8) == {}
 
 
@@ -477,32 +482,33 @@ class PagedScenario:
 PAGED_PARAMS = dict(sw_index=3, num_spans=3, backward_factor=2.0, forward_factor=1.0)  # W = 15, block 16
 
 
-@pytest.mark.parametrize("search,combine", [("summary", "union"), ("summary", "gate"), ("anchor", "gate"),
-                                            ("anchor", "union")])
+@pytest.mark.parametrize("search,combine,score,sinks", [
+    ("summary", "union", "mean", 5), ("summary", "union", "bound", 0), ("summary", "gate", "mean", 0),
+    ("summary", "gate", "bound", 0), ("anchor", "gate", "bound", 0), ("anchor", "union", "bound", 20)])
 @pytest.mark.parametrize("path", ["gathered", "contiguous"])
-def test_paged_backend_equals_functional(search, combine, path, monkeypatch):
+def test_paged_backend_equals_functional(search, combine, score, sinks, path, monkeypatch):
     """path: the CPU path reads the attended keys one by one ("gathered"), or runs one masked attention over
     the contiguous keys ("contiguous": union, and tiles without any stripe)."""
     monkeypatch.setattr(ref, "_CONTIGUOUS_FACTOR", 0 if path == "gathered" else 10 ** 9)
     sc = PagedScenario([150, 97, 61, 203], seed=3)
-    params = dict(PAGED_PARAMS, search=search, combine=combine)
+    params = dict(PAGED_PARAMS, search=search, combine=combine, score=score, sink_tokens=sinks)
     backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch")))
     outs, cache = sc.run(backend)
     for i in range(len(sc.lens)):
         want = sc.functional(i, impl="torch", **params)
         torch.testing.assert_close(outs[i], want, rtol=1e-10, atol=1e-10)
-    if search == "summary":  # the aux tables hold the exact bounds of every block the sequences own
+    if search == "summary":  # the aux tables hold the exact summaries of every block the sequences own
         for i, n in enumerate(sc.lens):
-            kmin, kmax = ref.block_bounds(sc.k[i].transpose(0, 1), sc.bs)
+            want = ref.summary_tables(sc.k[i].transpose(0, 1), backend.params, sc.bs)
             blocks = torch.tensor(sc.tables[i])
-            torch.testing.assert_close(cache.aux["kmin"][blocks].transpose(0, 1), kmin, rtol=0, atol=0)
-            torch.testing.assert_close(cache.aux["kmax"][blocks].transpose(0, 1), kmax, rtol=0, atol=0)
+            for name, table in zip(ref.summary_table_names(backend.params), want):
+                torch.testing.assert_close(cache.aux[name][blocks].transpose(0, 1), table, rtol=1e-12, atol=1e-12)
 
 
 def test_paged_backend_p055_gqa_groups_of_three():
     sc = PagedScenario([180, 77], hq=6, hkv=2, d=8, block_size=8, seed=4)
     params = dict(sw_index=3, num_spans=2, backward_factor=3.0, forward_factor=1.0, search_power=0.55,
-                  span_power=0.55, search="summary", combine="union")
+                  span_power=0.55, search="summary", combine="union", score="bound", sink_tokens=0)
     backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch")))
     outs, _ = sc.run(backend, prefill_chunks=(13, 29, 3))
     for i in range(len(sc.lens)):
