@@ -344,7 +344,9 @@ def build_policy(results: dict[str, Any], cfg: ProfileConfig, model_info: dict[s
                "objective": "lexicographic (min, sum) over non-full layers; compute layers count 1"},
         **(extra_profile or {}),
     }
-    params = {"topk_tokens": cfg.topk_tokens, "sink_blocks": cfg.sink_blocks, "recent_blocks": cfg.recent_blocks}
+    # per_head false: the profile measures one selection per KV head (its overlap and selections are per group).
+    params = {"topk_tokens": cfg.topk_tokens, "sink_blocks": cfg.sink_blocks, "recent_blocks": cfg.recent_blocks,
+              "per_head": False}
     if not results.get("method_error"):
         return solved.to_plan("hylra", params, model_info, profile)
     return _method_search_policy(results, cfg, model_info, profile, params)
