@@ -218,3 +218,19 @@ def test_parser_chosen_from_the_chat_template():
     assert parser_for_checkpoint("<|start_header_id|>ipython<|end_header_id|>").name == "llama3_json"
     assert parser_for_checkpoint("<|im_start|>{{ m['content'] }}").name == "hermes"
     assert parser_for_checkpoint(None).name == "hermes"
+
+
+def test_tool_call_parser_flag(tokenizer):
+    from types import SimpleNamespace
+
+    from longserve.server.app import create_app
+    from longserve.server.cli import build_parser
+
+    engine = SimpleNamespace(tokenizer=tokenizer, model_name="m", max_model_len=16, dead=None, num_unfinished=0,
+                             config=SimpleNamespace(max_waiting=1, max_num_seqs=1), stats=lambda: None)
+    assert create_app(engine).state.longserve.tool_parser.name == "hermes"  # the tiny ChatML template
+    assert create_app(engine, tool_call_parser="llama3_json").state.longserve.tool_parser.name == "llama3_json"
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--tool-call-parser", "llama3_json"]).tool_call_parser == "llama3_json"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--tool-call-parser", "xml"])
