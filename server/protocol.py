@@ -2,8 +2,7 @@
 
 Types are strict (a string is not a number, 2.5 is not an integer, NaN and infinities are refused) so a
 wrong type is a 400 naming the field rather than a silently converted value; a whole number written as 2.0 is
-an integer, as JSON Schema says. Unknown fields are ignored,
-as OpenAI does; known OpenAI fields this server cannot honour are refused with a 400 that names them
+an integer, as JSON Schema says. Unknown fields are ignored, as OpenAI does; known OpenAI fields this server cannot honour are refused with a 400 that names them
 (``unsupported_fields``). Ranges are checked once, by SamplingParams, so the engine and the server agree;
 the OpenAPI document states them too (``_doc``: JSON-schema keywords that are documentation only), and the
 server fills in the model's limits (token ids: ``x-token-id``) when it serves /openapi.json.
@@ -12,6 +11,7 @@ server fills in the model's limits (token ids: ``x-token-id``) when it serves /o
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, field_validator
@@ -25,6 +25,7 @@ _CONFIG = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 TOKEN_ID = "x-token-id"  # marks token-id integers in the schema; the server adds their maximum (vocabulary - 1)
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+TOKEN_ID_KEY = r"^(0|[1-9][0-9]{0,9})$"  # a logit_bias key: a token id as a decimal string
 
 
 def _whole_number(value: Any) -> Any:
@@ -113,7 +114,7 @@ class SamplingFields(BaseModel):
     user: Optional[str] = None
     logit_bias: Optional[dict[str, float]] = Field(
         None, description="token id (as a string) -> bias in [-100, 100] added to its logit",
-        **_doc(propertyNames={"pattern": r"^(0|[1-9][0-9]{0,9})$"},
+        **_doc(propertyNames={"pattern": TOKEN_ID_KEY},
                additionalProperties={"type": "number", "minimum": -LOGIT_BIAS_MAX, "maximum": LOGIT_BIAS_MAX}))
     response_format: Optional[ResponseFormat] = Field(
         None, description="json_object: the output is a JSON object; json_schema: JSON valid for the schema")
@@ -124,7 +125,7 @@ class SamplingFields(BaseModel):
     @classmethod
     def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not (key.isascii() and key.isdigit()):
+            if not re.fullmatch(TOKEN_ID_KEY, key):
                 raise ValueError(f"keys must be token ids written as decimal integers, got {key!r}")
         return value
 
