@@ -290,11 +290,7 @@ def test_synthetic_aux_tables_equal_what_the_backend_writes(method):
                              blocks, torch.float32)
     table = list(range(blocks))
     # The backend's own path: a prefill of the whole context (it writes the keys and its tables).
-    meta = AttentionMetadata(
-        positions=torch.arange(ctx), slot_mapping=torch.arange(ctx), block_tables=torch.tensor([table],
-                                                                                                 dtype=torch.int32),
-        context_lens=torch.tensor([ctx], dtype=torch.int32), query_start_loc=torch.tensor([0, ctx], dtype=torch.int32),
-        block_size=bs, context_lens_cpu=[ctx], query_lens_cpu=[ctx], seq_ids=[0])
+    meta = AttentionMetadata.for_step([table], [ctx], [ctx], bs)
     backend.forward(0, q, k, v, caches[0], meta, StepState())
     expected = {name: t.clone() for name, t in caches[0].aux.items()}
     for t in caches[0].aux.values():
