@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.testing import paged_cache_for, prefill_chunks
 from ..kernels.base import AttentionMetadata, LayerCache, StepState
 from ..kernels.reference import dense as ref_dense
 from ..kernels.registry import build_backend
@@ -87,33 +88,18 @@ class RecallProbe:
                                              float(n_sel.float().mean()) / (pos + 1)))
 
 
-def run_model(model, config, token_ids: list[int], backend, chunk: int, device, dtype, block_size: int = 16,
-              progress: str = "") -> torch.Tensor:
+def run_model(model, token_ids: list[int], backend, chunk: int, block_size: int = 16, progress: str = "") -> torch.Tensor:
     """Chunked prefill of one sequence; returns the log-probability of each next token [n - 1] (float32)."""
     n = len(token_ids)
-    num_blocks = -(-n // block_size)
-    shape = (num_blocks, config.num_kv_heads, block_size, config.head_dim)
-    aux = backend.aux_specs(config.num_kv_heads, config.head_dim)
-    caches = [LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                         {name: torch.zeros((num_blocks, *s), dtype=dt or dtype, device=device)
-                          for name, (s, dt) in aux.items()}) for _ in range(config.num_layers)]
-    table = torch.arange(num_blocks, dtype=torch.int32, device=device)[None]
-    ids = torch.tensor(token_ids, dtype=torch.long, device=device)
+    caches, table = paged_cache_for(model, backend, n, block_size)
+    targets = torch.tensor(token_ids, dtype=torch.long)
     logprobs = torch.empty(n - 1, dtype=torch.float32)
     t0 = time.time()
-    for a in range(0, n, chunk):
-        b = min(n, a + chunk)
-        pos = torch.arange(a, b, device=device)
-        meta = AttentionMetadata(positions=pos, slot_mapping=pos, block_tables=table,
-                                 context_lens=torch.tensor([b], dtype=torch.int32, device=device),
-                                 query_start_loc=torch.tensor([0, b - a], dtype=torch.int32, device=device),
-                                 block_size=block_size, context_lens_cpu=[b], query_lens_cpu=[b - a], seq_ids=[0])
-        with torch.inference_mode():
-            hidden = model(ids[a:b], pos, caches, meta, backend, StepState())
-            logits = model.compute_logits(hidden).float().log_softmax(-1)
+    for a, logits in prefill_chunks(model, token_ids, backend, caches, table, block_size, chunk):
+        b = a + logits.shape[0]
         upto = min(b, n - 1)
         if upto > a:
-            logprobs[a:upto] = logits[:upto - a].gather(1, ids[a + 1:upto + 1, None]).squeeze(1).cpu()
+            logprobs[a:upto] = logits[:upto - a].log_softmax(-1).cpu().gather(1, targets[a + 1:upto + 1, None]).squeeze(1)
         if sys.stderr.isatty() or progress:
             print(f"\r{progress} {b}/{n} tokens ({time.time() - t0:.0f} s)", end="", file=sys.stderr, flush=True)
     print("", file=sys.stderr)
@@ -169,14 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     probe = RecallProbe(backend, config.num_layers, args.query_stride)
-    dtype = model.embed_tokens.dtype
     t0 = time.time()
-    routed_lp = run_model(model, config, token_ids, probe, args.chunk, device, dtype, progress="routing")
+    routed_lp = run_model(model, token_ids, probe, args.chunk, progress="routing")
     routed_s = time.time() - t0
     dense_lp = None
     if not args.no_dense:
-        dense_lp = run_model(model, config, token_ids, build_backend("dense", config.num_layers), args.chunk, device,
-                             dtype, progress="dense")
+        dense_lp = run_model(model, token_ids, build_backend("dense", config.num_layers), args.chunk, progress="dense")
 
     layers = []
     for i, rows in enumerate(probe.rows):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -137,31 +138,45 @@ def single_sequence_metadata(block_table: list[int], start: int, end: int, block
     return AttentionMetadata.for_step([block_table], [end], [end - start], block_size, device, [seq_id])
 
 
+def paged_cache_for(model, backend, tokens: int, block_size: int, spare_blocks: int = 0
+                    ) -> tuple[list[LayerCache], list[int]]:
+    """Zeroed paged caches (with the backend's aux tables) for one sequence of `tokens` in the model's dtype
+    and device, and its block table (blocks 0.., plus spare_blocks unused ones in the cache)."""
+    c = model.config
+    param = next(model.parameters())
+    num_blocks = -(-tokens // block_size)
+    caches = make_caches(c, num_blocks + spare_blocks, block_size, param.dtype, param.device,
+                         backend.aux_specs(c.num_kv_heads, c.head_dim))
+    return caches, list(range(num_blocks))
+
+
 @torch.inference_mode()
+def prefill_chunks(model, token_ids: list[int], backend, caches: list[LayerCache], table: list[int],
+                   block_size: int, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Chunked prefill of one sequence through the paged cache (as the engine's scheduler cuts a long prompt):
+    yields (start, float32 logits of tokens start..start + chunk - 1) per chunk."""
+    param = next(model.parameters())
+    ids = torch.tensor(token_ids, dtype=torch.long, device=param.device)
+    for start in range(0, len(token_ids), chunk):
+        end = min(len(token_ids), start + chunk)
+        meta = single_sequence_metadata(table, start, end, block_size, param.device)
+        hidden = model(ids[start:end], meta.positions, caches, meta, backend, StepState())
+        yield start, model.compute_logits(hidden).float()
+
+
 def run_sequence(model, token_ids: list[int], backend=None, block_size: int = 4, chunk: int | None = None,
                  seed: int = 0) -> torch.Tensor:
     """Logits [len(token_ids), vocab] (float32) of one sequence run through `model` over a paged cache with a
     shuffled block table, in chunks of `chunk` tokens (None: one prefill). backend defaults to dense."""
     from ..kernels.registry import build_backend
 
-    c = model.config
-    param = next(model.parameters())
-    backend = backend or build_backend("dense", c.num_layers, impl="torch")
+    backend = backend or build_backend("dense", model.config.num_layers, impl="torch")
     n = len(token_ids)
-    num_blocks = (n + block_size - 1) // block_size
-    perm = torch.randperm(num_blocks + 3, generator=torch.Generator().manual_seed(seed))
-    table = perm[:num_blocks].tolist()  # scattered physical blocks, as the engine's free list gives
-    caches = make_caches(c, num_blocks + 3, block_size, param.dtype, param.device,
-                         backend.aux_specs(c.num_kv_heads, c.head_dim))
-    ids = torch.tensor(token_ids, dtype=torch.long, device=param.device)
-    out = []
-    step = chunk or n
-    for start in range(0, n, step):
-        end = min(n, start + step)
-        meta = single_sequence_metadata(table, start, end, block_size, param.device)
-        hidden = model(ids[start:end], meta.positions, caches, meta, backend, StepState())
-        out.append(model.compute_logits(hidden))
-    return torch.cat(out)
+    caches, table = paged_cache_for(model, backend, n, block_size, spare_blocks=3)
+    perm = torch.randperm(len(table) + 3, generator=torch.Generator().manual_seed(seed))
+    table = perm[:len(table)].tolist()  # scattered physical blocks, as the engine's free list gives
+    return torch.cat([logits for _, logits in prefill_chunks(model, token_ids, backend, caches, table, block_size,
+                                                             chunk or n)])
 
 
 @torch.inference_mode()

@@ -248,7 +248,7 @@ def run_fidelity(model, block_size: int, probes: dict[str, SelectionProbe], toke
     probes: label -> the method's (wrapped) backend; the first is dense."""
     from tqdm import tqdm
 
-    from ..policies.evaluate import paged_cache_for, prefill_chunks
+    from ..engine.testing import paged_cache_for, prefill_chunks
 
     n = len(token_ids)
     streams = {}

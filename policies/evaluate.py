@@ -15,41 +15,13 @@ import json
 import math
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from longserve.kernels.plan import AttentionPlan
 from longserve.kernels.registry import build_backend
 from longserve.kernels.base import StepState
-
-
-def paged_cache_for(model, backend, tokens: int, block_size: int) -> tuple[list, list[int]]:
-    """Zeroed paged caches (with the backend's aux tables) for one sequence of `tokens`, and its block table."""
-    from longserve.engine.testing import make_caches
-
-    c = model.config
-    param = next(model.parameters())
-    num_blocks = -(-tokens // block_size)
-    caches = make_caches(c, num_blocks, block_size, param.dtype, param.device,
-                         backend.aux_specs(c.num_kv_heads, c.head_dim))
-    return caches, list(range(num_blocks))
-
-
-@torch.inference_mode()
-def prefill_chunks(model, token_ids: list[int], backend, caches: list, table: list[int], block_size: int,
-                   chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """Chunked prefill of one sequence through the paged cache (as the engine's scheduler cuts a long
-    prompt): yields (start, float32 logits of tokens start..start + chunk - 1) per chunk."""
-    from longserve.engine.testing import single_sequence_metadata
-
-    param = next(model.parameters())
-    ids = torch.tensor(token_ids, dtype=torch.long, device=param.device)
-    for start in range(0, len(token_ids), chunk):
-        end = min(len(token_ids), start + chunk)
-        meta = single_sequence_metadata(table, start, end, block_size, param.device)
-        hidden = model(ids[start:end], meta.positions, caches, meta, backend, StepState())
-        yield start, model.compute_logits(hidden).float()
 
 
 @torch.inference_mode()
@@ -61,7 +33,7 @@ def run_text(model, token_ids: list[int], backend, block_size: int, chunk: int, 
     The continuations reuse the prefilled cache: going from the last cut point to the first, a continuation
     from p only overwrites positions >= p, which no earlier cut point needs (the block bounds of a block are
     recomputed over its written part, so stale entries beyond it never count)."""
-    from longserve.engine.testing import single_sequence_metadata
+    from longserve.engine.testing import paged_cache_for, prefill_chunks, single_sequence_metadata
 
     param = next(model.parameters())
     caches, table = paged_cache_for(model, backend, len(token_ids) + gen_tokens, block_size)
