@@ -17,8 +17,8 @@ Order of operations (as in vLLM):
   7. top-k, then top-p over the top-k survivors, then min-p,
   8. sample from softmax of what is left.
 
-Logprobs: reported from the adjusted logits (penalties, logit_bias, grammar) *before* temperature and truncation. They describe the
-model's distribution as adjusted by the request's penalties (the tokens the request may emit), independent
+Logprobs: reported from the adjusted logits (penalties, logit_bias, grammar) *before* temperature and
+truncation. They describe the model's distribution as adjusted by the request (the tokens it may emit), independent
 of how sharply it was sampled; this is what OpenAI-style clients expect from ``logprobs`` and it keeps a
 greedy request's logprobs equal to a sampled one's. Tokens suppressed by min_tokens or a grammar get -inf.
 """

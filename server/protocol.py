@@ -2,10 +2,11 @@
 
 Types are strict (a string is not a number, 2.5 is not an integer, NaN and infinities are refused) so a
 wrong type is a 400 naming the field rather than a silently converted value; a whole number written as 2.0 is
-an integer, as JSON Schema says. Unknown fields are ignored, as OpenAI does; known OpenAI fields this server cannot honour are refused with a 400 that names them
-(``unsupported_fields``). Ranges are checked once, by SamplingParams, so the engine and the server agree;
-the OpenAPI document states them too (``_doc``: JSON-schema keywords that are documentation only), and the
-server fills in the model's limits (token ids: ``x-token-id``) when it serves /openapi.json.
+an integer, as JSON Schema says. Unknown fields are ignored, as OpenAI does; known OpenAI fields this server
+cannot honour are refused with a 400 that names them (``unsupported_fields``). Ranges are checked once, by
+SamplingParams, so the engine and the server agree; the OpenAPI document states them too (``_doc``: JSON-schema
+keywords that are documentation only), and the server fills in the model's limits (token ids: ``x-token-id``)
+when it serves /openapi.json.
 """
 
 from __future__ import annotations
@@ -337,7 +338,8 @@ class NamedToolChoice(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     model_config = _rules(
         STREAM_OPTIONS_NEED_STREAM,
-        _when("top_logprobs", {"type": "integer"}, {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}),
+        _when("top_logprobs", {"type": "integer"},
+              {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}),
         _when("tool_choice", {"anyOf": [{"const": "auto"}, {"const": "required"}, {"type": "object"}]},
               {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}))
     messages: list[ChatMessage] = Field(..., min_length=1,

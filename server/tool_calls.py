@@ -2,8 +2,9 @@
 forces a valid call when the request requires one.
 
 Two formats, named as vLLM's ``--tool-call-parser`` values:
-  hermes       Qwen2.5 / Qwen3 (and other ChatML models): ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``,
-               one block per call, optional text before the first block.
+  hermes       Qwen2.5 / Qwen3 (and other ChatML models):
+               ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, one block per call, optional
+               text before the first block.
   llama3_json  Llama 3.1+: the whole answer is ``{"name": ..., "parameters": {...}}`` (several separated by ";"),
                optionally after the ``<|python_tag|>`` token.
 ``parser_for_checkpoint`` picks one from the checkpoint's chat template.

@@ -40,7 +40,8 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city", "unit"], "additionalProperties": False}}}
 ADD = {"type": "function", "function": {
     "name": "add", "parameters": {"type": "object", "properties": {
-        "a": {"type": "integer", "minimum": -99, "maximum": 99}, "b": {"type": "integer", "minimum": -99, "maximum": 99}},
+        "a": {"type": "integer", "minimum": -99, "maximum": 99},
+        "b": {"type": "integer", "minimum": -99, "maximum": 99}},
         "required": ["a", "b"], "additionalProperties": False}}}
 TOOLS = [WEATHER, ADD]
 PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
