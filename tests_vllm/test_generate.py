@@ -23,6 +23,8 @@ def test_dense_plugin_equals_vllm_cpu_attention(checkpoints, arch):
     plugin = run_vllm(checkpoints[arch], PROMPTS)  # no longserve section: dense
     _check_run_shape(plugin)
     assert plugin["tokens"] == own["tokens"]
+    # The CUSTOM run went through longserve's backend (vLLM's CPU platform would have chosen its own).
+    assert [s["runtimes"] for s in plugin["state"]] == [1] and [s["runtimes"] for s in own["state"]] == [0]
 
 
 @pytest.fixture(scope="module")
