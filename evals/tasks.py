@@ -176,8 +176,10 @@ def _key(rng: random.Random) -> str:
 
 def _passkey(rng, depth):
     key = _number(rng, 5)
-    needle = f"The pass key is {key}. Remember it."
-    return [(depth, needle)], "What is the pass key?", "The pass key is", [key], [key]
+    needle = f"The secret pass key is the number {key}. Remember this number."
+    # "the number" matters for small models: asked for "the pass key", SmolLM2-135M describes a key
+    question = "What is the secret pass key number mentioned in the text? Answer with the number only."
+    return [(depth, needle)], question, "The secret pass key number is", [key], [key]
 
 
 def _niah_single(rng, depth):
