@@ -38,7 +38,9 @@ def step_metadata(query_start_loc_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor,
 
     vLLM gives, per request row i < num_reqs: query_start_loc[i] (offset of its tokens in the step), seq_lens[i]
     (keys after this step's write: longserve's context_len), its block table row and, per token, the slot to
-    write. Each request's step tokens are the last query_len of its context, so positions follow from those."""
+    write. Each request's step tokens are the last query_len of its context, so positions follow from those.
+    Not AttentionMetadata.for_step: that one derives the slots itself and copies the tables through the host;
+    here vLLM's own block table and slot mapping are used as they are (no copy, no device sync)."""
     starts = query_start_loc_cpu[: num_reqs + 1].tolist()
     context_lens = [int(n) for n in seq_lens_cpu[:num_reqs].tolist()]
     query_lens = [b - a for a, b in zip(starts, starts[1:])]
