@@ -18,7 +18,7 @@ Parameters (plan.params):
   prefill_tile  64     query tokens per selection tile in prefill
   score         "mean" block score: "mean" = q . mean key (aux table kmean), "bound" = Quest upper bound
                        sum_d max(q_d kmin_d, q_d kmax_d) (aux tables kmin, kmax)
-  prefill       "sparse" prompt chunks attend sparsely ("sparse") or densely ("dense"; kernels/prefill.py)
+  prefill       "dense"  prompt chunks attend densely ("dense") or sparsely ("sparse"); kernels/prefill.py
 Defaults "mean" and "max" measured best on the default model (docs/policies.md).
 """
 
@@ -45,7 +45,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "head_reduce": "max",
     "prefill_tile": 64,
     "score": "mean",
-    "prefill": "sparse",
+    "prefill": "dense",
 }
 
 # Per-block key summaries each score needs (aux tables [num_blocks, Hkv, D] in the cache dtype).

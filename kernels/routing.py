@@ -20,7 +20,7 @@ Parameters (plan.params):
   sink_tokens           16     first keys always attended (< segment_tokens)
   window                1024   recent keys always attended, counting the query itself (>= 1)
   prefill_tile          64     query tokens per routing tile in prefill
-  prefill               "sparse"  prompt chunks attend sparsely ("sparse") or densely ("dense"; kernels/prefill.py)
+  prefill               "dense"   prompt chunks attend densely ("dense") or sparsely ("sparse"); kernels/prefill.py
 
 State: one ClusterTable per (sequence, compute layer) in host memory of this object, on the cache's device;
 freed by free_sequence. Tables are rebuilt from the cache when a sequence arrives with keys already written
@@ -54,7 +54,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "sink_tokens": 16,
     "window": 1024,
     "prefill_tile": 64,
-    "prefill": "sparse",
+    "prefill": "dense",
 }
 
 

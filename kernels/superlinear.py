@@ -26,7 +26,7 @@ from .reference.superlinear import SpanParams
 # blocks' mean keys (the Quest bound misses needles on real weights, docs/superlinear.md), union merges spans,
 # sinks and window exactly.
 BACKEND_DEFAULTS = {"search": "summary", "combine": "union", "score": "mean", "sink_tokens": 16}
-PREFILL_DEFAULT = "sparse"  # how prompt chunks attend: "sparse" or "dense" (kernels/prefill.py)
+PREFILL_DEFAULT = "dense"  # how prompt chunks attend: "sparse" or "dense" (kernels/prefill.py)
 
 
 def make_params(values: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> SpanParams:

@@ -111,7 +111,8 @@ def _planted_run(topk_tokens: int):
     from longserve.kernels.registry import build_backend
 
     hq, hkv, d, n, bs = 4, 2, 16, 256, 16
-    plan = AttentionPlan.uniform("hylra", 1, {"topk_tokens": topk_tokens, "sink_blocks": 1, "recent_blocks": 2})
+    plan = AttentionPlan.uniform("hylra", 1, {"topk_tokens": topk_tokens, "sink_blocks": 1, "recent_blocks": 2,
+                                              "prefill": "sparse"})  # the prompt chunks select (and are probed)
     backend = build_backend(plan=plan, impl="torch")
     probe = SelectionProbe(backend, 1)
     cfg = type("C", (), {"num_layers": 1, "num_kv_heads": hkv, "head_dim": d})()
@@ -170,7 +171,8 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tiny, tmp_path, capsys):
 
     out = tmp_path / "eval.json"
     args = _eval_args("--model", str(tiny), "--lengths", "640", "--depths", "0.5", "--tasks", "passkey,vt",
-                      "--attention", "hylra", "--attention-config", '{"hylra": [{"topk_tokens": 64}]}', "--diagnose",
+                      "--attention", "hylra", "--attention-config",
+                      '{"hylra": [{"topk_tokens": 64, "prefill": "sparse"}]}', "--diagnose",
                       "--fidelity-chunk", "128", "--chunk", "256", "--json", str(out), "--no-progress")
     assert run(args) == 0
     report = capsys.readouterr().out
@@ -244,13 +246,13 @@ def test_a_model_that_does_not_load_is_one_line(tmp_path, capsys):
 
 # -- the probe reads exactly what each method attended ---------------------------------------------------------
 @pytest.mark.parametrize("method, params", [
-    ("hylra", {"topk_tokens": 64, "prefill_tile": 32}),
-    ("hylra", {"topk_tokens": 64, "per_head": True}),
+    ("hylra", {"topk_tokens": 64, "prefill_tile": 32, "per_head": False, "prefill": "sparse"}),
+    ("hylra", {"topk_tokens": 64, "per_head": True, "prefill": "sparse"}),
     ("routing", {"segment_tokens": 128, "tokens_per_cluster": 16, "budget_tokens": 48, "window": 32,
-                 "sink_tokens": 4, "prefill_tile": 32}),
-    ("superlinear", {"sw_index": 11}),
+                 "sink_tokens": 4, "prefill_tile": 32, "prefill": "sparse"}),
+    ("superlinear", {"sw_index": 11, "prefill": "sparse"}),
     ("superlinear", {"sw_index": 11, "prefill": "dense"}),
-    ("superlinear", {"sw_index": 11, "sink_tokens": 8}),
+    ("superlinear", {"sw_index": 11, "sink_tokens": 8, "prefill": "sparse"}),
 ])
 def test_key_sets_reproduce_each_methods_output(method, params):
     """Softmax attention restricted to the probe's key set of every query and head equals the method's own

@@ -135,8 +135,9 @@ class Case:
 
 
 def hylra_plan(layers, **params):
+    """A plan whose prompt chunks select sparsely too (prefill "sparse"): these tests exercise the selection."""
     return AttentionPlan("hylra", [LayerPlan(*lp) if isinstance(lp, tuple) else LayerPlan(lp) for lp in layers],
-                         params)
+                         {"prefill": "sparse", **params})
 
 
 def restricted_attention(case, layer, selection, caches):

@@ -19,11 +19,11 @@ SHIPPED_HYLRA = ROOT / "policies" / "smollm2-135m-instruct.hylra.json"
 
 HQ, HKV, D, BS = 4, 2, 16, 4
 # Small budgets so that every method is really sparse at ~100 tokens of context.
-PARAMS = {
-    "hylra": {"topk_tokens": 16, "sink_blocks": 1, "recent_blocks": 1, "prefill_tile": 8},
-    "superlinear": {"sw_index": 1, "num_spans": 2, "impl": "torch"},  # window 3 keys, summary search
+PARAMS = {  # prefill "sparse": prompt chunks select too, so the steps below exercise every method's selection
+    "hylra": {"topk_tokens": 16, "sink_blocks": 1, "recent_blocks": 1, "prefill_tile": 8, "prefill": "sparse"},
+    "superlinear": {"sw_index": 1, "num_spans": 2, "impl": "torch", "prefill": "sparse"},  # window 3 keys
     "routing": {"segment_tokens": 32, "tokens_per_cluster": 8, "budget_tokens": 12, "sink_tokens": 2,
-                "window": 8, "prefill_tile": 8},
+                "window": 8, "prefill_tile": 8, "prefill": "sparse"},
 }
 MIXED_LAYERS = [
     LayerPlan("full"),

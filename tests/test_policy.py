@@ -281,7 +281,7 @@ def test_evaluate_policy_against_dense(tiny):
     r = evaluate(loaded, covering, ids, block_size=16, chunk=64, gen_tokens=4, gen_points=3, impl="torch")
     assert r["hylra_ppl"] == r["dense_ppl"] and r["next_token_agreement_tail"] is None  # budget covers all
     assert r["greedy_agreement"] == 1.0 and r["greedy_identical_share"] == 1.0 and r["greedy_points"] == [400]
-    sparse = AttentionPlan("hylra", layers, {"topk_tokens": 48, "recent_blocks": 1}, info)
+    sparse = AttentionPlan("hylra", layers, {"topk_tokens": 48, "recent_blocks": 1, "prefill": "sparse"}, info)
     r = evaluate(loaded, sparse, ids, block_size=16, chunk=64, gen_tokens=4, gen_points=3, impl="torch")
     assert r["greedy_points"] == [96, 248, 400] and r["tail_from"] == 96
     assert r["hylra_ppl"] != r["dense_ppl"] and 0.0 <= r["next_token_agreement_tail"] <= 1.0

@@ -66,7 +66,8 @@ class World:
 
 
 def backend(params=None, layers=1, impl="torch", modes=None):
-    plan = AttentionPlan("routing", modes or [LayerPlan("compute")] * layers, {**SMALL, **(params or {})})
+    plan = AttentionPlan("routing", modes or [LayerPlan("compute")] * layers,
+                         {**SMALL, "prefill": "sparse", **(params or {})})  # prompt chunks routed too
     return RoutingBackend(plan, impl=impl)
 
 

@@ -378,7 +378,7 @@ def test_backend_rejects_unknown_parameters_and_impl():
         SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"impl": "cuda"}))
     b = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"num_spans": 2, "impl": "torch"}))
     assert (b.params.num_spans, b.params.search, b.params.combine, b.impl) == (2, "summary", "union", "torch")
-    assert (b.params.score, b.params.sink_tokens) == ("mean", 16)
+    assert (b.params.score, b.params.sink_tokens, b.prefill) == ("mean", 16, "dense")
     assert set(b.aux_specs(2, 8)) == {"kmean"}
     bound = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"score": "bound"}))
     assert set(bound.aux_specs(2, 8)) == {"kmin", "kmax"}
@@ -492,7 +492,7 @@ def test_paged_backend_equals_functional(search, combine, score, sinks, path, mo
     monkeypatch.setattr(ref, "_CONTIGUOUS_FACTOR", 0 if path == "gathered" else 10 ** 9)
     sc = PagedScenario([150, 97, 61, 203], seed=3)
     params = dict(PAGED_PARAMS, search=search, combine=combine, score=score, sink_tokens=sinks)
-    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch")))
+    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch", prefill="sparse")))
     outs, cache = sc.run(backend)
     for i in range(len(sc.lens)):
         want = sc.functional(i, impl="torch", **params)
@@ -509,7 +509,7 @@ def test_paged_backend_p055_gqa_groups_of_three():
     sc = PagedScenario([180, 77], hq=6, hkv=2, d=8, block_size=8, seed=4)
     params = dict(sw_index=3, num_spans=2, backward_factor=3.0, forward_factor=1.0, search_power=0.55,
                   span_power=0.55, search="summary", combine="union", score="bound", sink_tokens=0)
-    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch")))
+    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch", prefill="sparse")))
     outs, _ = sc.run(backend, prefill_chunks=(13, 29, 3))
     for i in range(len(sc.lens)):
         torch.testing.assert_close(outs[i], sc.functional(i, impl="torch", **params), rtol=1e-10, atol=1e-10)
@@ -517,7 +517,7 @@ def test_paged_backend_p055_gqa_groups_of_three():
 
 def test_summary_search_needs_window_of_a_block():
     sc = PagedScenario([40], block_size=16)
-    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"sw_index": 2, "impl": "torch"}))  # W = 8
+    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"sw_index": 2, "impl": "torch", "prefill": "sparse"}))  # W = 8
     with pytest.raises(BackendError, match="window"):
         sc.run(backend)
 
@@ -638,7 +638,7 @@ def test_triton_paged_forward_matches_reference(search, combine, dtype, path, ex
     monkeypatch.setattr(sparse_tri, "_TILED_MIN_TOKENS", 1 if path == "tiled" else 10 ** 9)
     sc = PagedScenario([29, 13], hq=4, hkv=2, d=16, block_size=8, dtype=dtype, seed=8)
     params = dict(sw_index=2, search=search, combine=combine, **extra)  # W = 8
-    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch")))
+    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch", prefill="sparse")))
     ref_cache = sc.make_cache(backend.aux_specs(sc.hkv, sc.d))
     tri_cache = LayerCache(ref_cache.k.clone(), ref_cache.v.clone(), {n: t.clone() for n, t in ref_cache.aux.items()})
     sparse_tri.POISON_WORKSPACE = True
