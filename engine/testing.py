@@ -152,12 +152,13 @@ def paged_cache_for(model, backend, tokens: int, block_size: int, spare_blocks: 
 
 @torch.inference_mode()
 def prefill_chunks(model, token_ids: list[int], backend, caches: list[LayerCache], table: list[int],
-                   block_size: int, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """Chunked prefill of one sequence through the paged cache (as the engine's scheduler cuts a long prompt):
-    yields (start, float32 logits of tokens start..start + chunk - 1) per chunk."""
+                   block_size: int, chunk: int, first: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    """Chunked prefill of one sequence through the paged cache (as the engine's scheduler cuts a long prompt),
+    from position `first` (the cache holds the tokens before it): yields (start, float32 logits of tokens
+    start..start + chunk - 1) per chunk. chunk 1 runs decode steps."""
     param = next(model.parameters())
     ids = torch.tensor(token_ids, dtype=torch.long, device=param.device)
-    for start in range(0, len(token_ids), chunk):
+    for start in range(first, len(token_ids), chunk):
         end = min(len(token_ids), start + chunk)
         meta = single_sequence_metadata(table, start, end, block_size, param.device)
         hidden = model(ids[start:end], meta.positions, caches, meta, backend, StepState())

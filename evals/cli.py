@@ -79,6 +79,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="UTF-8 prose for the tasks' haystacks (default: evals/data/haystack.txt, about 8K tokens)")
     p.add_argument("--fidelity-skip", type=int, default=None,
                    help="score fidelity from this position (default: each method's sinks + local window)")
+    p.add_argument("--fidelity-decode", type=int, default=64,
+                   help="decode the last N tokens of the fidelity text one per step (methods with prefill 'dense' "
+                        "are sparse only there; default 64)")
     p.add_argument("--fidelity-chunk", type=_positive_int, default=512,
                    help="prefill chunk of the teacher-forced runs (default 512)")
     p.add_argument("--diagnose", action="store_true",

@@ -241,21 +241,27 @@ def local_window(backend, block_size: int) -> int:
 
 @torch.inference_mode()
 def run_fidelity(model, block_size: int, probes: dict[str, SelectionProbe], token_ids: list[int], chunk: int,
-                 skip: int | None, progress: bool) -> list[dict[str, Any]]:
-    """Teacher-forced chunked prefill of token_ids through the model with every method's backend in lockstep
-    (the backends hold no weights: one model serves them all); per sparse method: perplexities (all
-    positions, and past its window) of both, KL(dense || method) and top-1 agreement past the window.
-    probes: label -> the method's (wrapped) backend; the first is dense."""
+                 skip: int | None, decode: int, progress: bool) -> list[dict[str, Any]]:
+    """Teacher-forced run of token_ids through the model with every method's backend in lockstep (the backends
+    hold no weights: one model serves them all): all but the last `decode` tokens prefilled in chunks, those
+    decoded one per step (a method with prefill "dense" is sparse only there). Per sparse method: perplexities
+    of both (all positions, and past its window), and KL(dense || method) and top-1 agreement over the
+    prefilled positions past its window and over the decoded positions. probes: label -> the method's
+    (wrapped) backend; the first is dense."""
+    from itertools import chain
+
     from tqdm import tqdm
 
     from ..engine.testing import paged_cache_for, prefill_chunks
 
     n = len(token_ids)
+    split = max(1, n - decode)  # first decoded position
     streams = {}
     for label, probe in probes.items():
         probe.counts.clear()  # the tasks' counts are recorded already; seq id 0 is this text now
         caches, table = paged_cache_for(model, probe, n, block_size)
-        streams[label] = prefill_chunks(model, token_ids, probe, caches, table, block_size, chunk)
+        streams[label] = chain(prefill_chunks(model, token_ids[:split], probe, caches, table, block_size, chunk),
+                               prefill_chunks(model, token_ids, probe, caches, table, block_size, 1, first=split))
     labels = list(probes)
     dense = labels[0]
     ids = torch.tensor(token_ids)
@@ -279,20 +285,24 @@ def run_fidelity(model, block_size: int, probes: dict[str, SelectionProbe], toke
     bar.close()
     out = []
     nll = {lb: torch.cat(v) for lb, v in nll.items()}
+    mean = lambda x: float(x.mean()) if x.numel() else None  # noqa: E731
     for lb in labels[1:]:
         probe = probes[lb]
         tail = skip if skip is not None else local_window(probe.inner, block_size)
-        tail = min(tail, n - 2)
-        kls, ags = torch.cat(kl[lb])[tail:], torch.cat(agree[lb])[tail:]
+        tail = min(tail, split - 1)
+        kls, ags = torch.cat(kl[lb]), torch.cat(agree[lb])
         out.append({
-            "method": lb, "tokens": n, "skip": tail,
-            "attended": probe.attended_share(0),
+            "method": lb, "tokens": n, "skip": tail, "decoded": n - split,
+            "attended": probe.attended_share(0), "attended_decode": probe.attended_share(0, "decode"),
             "ppl_dense": math.exp(float(nll[dense].mean())), "ppl": math.exp(float(nll[lb].mean())),
             "ppl_dense_past_window": math.exp(float(nll[dense][tail:].mean())),
             "ppl_past_window": math.exp(float(nll[lb][tail:].mean())),
-            "kl_mean": float(kls.mean()), "kl_p95": float(kls.quantile(0.95)) if kls.numel() else None,
-            "top1_agreement": float(ags.mean()),
+            "kl_mean": mean(kls[tail:split]), "kl_p95": float(kls[tail:split].quantile(0.95)) if split > tail else None,
+            "top1_agreement": mean(ags[tail:split]),
+            "kl_mean_decode": mean(kls[split:]), "top1_agreement_decode": mean(ags[split:]),
         })
+    for probe in probes.values():
+        probe.free_sequence(0)  # routing keeps per-sequence cluster tables
     return out
 
 
@@ -341,7 +351,7 @@ def run_eval(args) -> dict[str, Any]:
     for length in fidelity_lengths:
         runner = dense_llm.engine.runner
         result["fidelity"] += run_fidelity(runner.model, runner.block_size, probes, text_ids[:length],
-                                           args.fidelity_chunk, args.fidelity_skip, progress)
+                                           args.fidelity_chunk, args.fidelity_skip, args.fidelity_decode, progress)
     result["summary"] = summarize(result)
     result["seconds"] = round(time.time() - t0, 1)
     return result
@@ -366,7 +376,7 @@ def read_text(path: str | None, default) -> str:
 
 def settings_of(args, runs: list[tuple[str, dict, str | None]]) -> dict[str, Any]:
     keys = ("model", "lengths", "depths", "samples", "seed", "tasks", "chunk", "batch", "device", "dtype",
-            "policy", "fidelity", "fidelity_chunk", "fidelity_skip", "fidelity_text", "haystack", "diagnose")
+            "policy", "fidelity", "fidelity_chunk", "fidelity_skip", "fidelity_decode", "fidelity_text", "haystack", "diagnose")
     return {"methods": [m for m, _, _ in runs], "attention_config": [p for _, p, _ in runs],
             **{k: getattr(args, k) for k in keys}}
 
@@ -423,12 +433,18 @@ def format_report(result: dict[str, Any]) -> str:
                  for r in rows]
         lines += ["By needle depth (all tasks)", *_grid(["method", "length", *[f"depth {d}" for d in depths]], table), ""]
     if result["fidelity"]:
-        head = ["method", "tokens", "past", "attended", "ppl dense", "ppl", "ppl +%", "KL mean", "KL p95", "top-1"]
-        table = [[f["method"], _tokens(f["tokens"]), str(f["skip"]), _pct(f["attended"]), f"{f['ppl_dense']:.3f}",
-                  f"{f['ppl']:.3f}", f"{100 * (f['ppl'] / f['ppl_dense'] - 1):+.2f}", f"{f['kl_mean']:.4f}",
-                  "-" if f["kl_p95"] is None else f"{f['kl_p95']:.4f}", _pct(f["top1_agreement"])]
+        head = ["method", "tokens", "past", "attended", "in decode", "ppl dense", "ppl", "ppl +%", "past +%",
+                "KL mean", "KL p95", "top-1", "KL decode", "top-1 decode"]
+        num = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+        table = [[f["method"], _tokens(f["tokens"]), str(f["skip"]), _pct(f["attended"]), _pct(f["attended_decode"]),
+                  f"{f['ppl_dense']:.3f}", f"{f['ppl']:.3f}", f"{100 * (f['ppl'] / f['ppl_dense'] - 1):+.2f}",
+                  f"{100 * (f['ppl_past_window'] / f['ppl_dense_past_window'] - 1):+.2f}", num(f["kl_mean"], ".4f"),
+                  num(f["kl_p95"], ".4f"), _pct(f["top1_agreement"]), num(f["kl_mean_decode"], ".4f"),
+                  _pct(f["top1_agreement_decode"])]
                  for f in result["fidelity"]]
-        lines += ["Fidelity against dense (teacher-forced; KL and top-1 over positions >= past)", *_grid(head, table), ""]
+        lines += ["Fidelity against dense (teacher-forced; the last tokens decoded one per step; ppl +% over all "
+                  "positions, past +% over positions >= past; KL and top-1 over the prefilled positions >= past and "
+                  "over the decoded ones)", *_grid(head, table), ""]
     diag = [s for s in result["samples"] if s.get("diagnosis") and s["method"] != "dense"]
     if diag:
         dense_ok = {sample_key(s): s["correct"] for s in result["samples"] if s["method"] == "dense"}

@@ -195,7 +195,7 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tiny, tmp_path, capsys):
     assert all(h["prompt"]["recall"] == 1.0 for row in layers[:2] for h in row["heads"])
     (fid,) = result["fidelity"]
     assert fid["tokens"] == 640 and 0.0 <= fid["top1_agreement"] <= 1.0 and fid["kl_mean"] >= 0.0
-    assert fid["attended"] < 1.0
+    assert fid["attended"] < 1.0 and fid["decoded"] == 64 and fid["attended_decode"] < 1.0
 
 
 def test_fidelity_of_a_budget_covering_everything_is_exact(tiny):
@@ -209,7 +209,9 @@ def test_fidelity_of_a_budget_covering_everything_is_exact(tiny):
         probes[label] = probe
     ids = [random.Random(0).randrange(3, 200) for _ in range(300)]
     runner = llm.engine.runner
-    (fid,) = run_fidelity(runner.model, runner.block_size, probes, ids, chunk=64, skip=32, progress=False)
+    (fid,) = run_fidelity(runner.model, runner.block_size, probes, ids, chunk=64, skip=32, decode=20,
+                          progress=False)
+    assert fid["decoded"] == 20 and fid["kl_mean_decode"] < 1e-6 and fid["top1_agreement_decode"] == 1.0
     assert fid["kl_mean"] < 1e-6 and fid["top1_agreement"] == 1.0
     assert fid["ppl"] == pytest.approx(fid["ppl_dense"], rel=1e-5)
     assert fid["attended"] == pytest.approx(1.0)
@@ -350,3 +352,19 @@ def test_a_policy_goes_to_the_method_it_names(tmp_path):
     assert runs == [("dense", {}, None), ("hylra", {}, str(policy)), ("routing", {}, None)]
     with pytest.raises(EvalError, match="not in --attention"):
         method_runs(_eval_args("--attention", "routing", "--policy", str(policy)))
+
+
+def test_fidelity_with_dense_prefill_is_exact_in_prefill_and_sparse_in_decode(tiny):
+    from longserve.evals.run import build_engine, run_fidelity
+
+    args = _eval_args("--model", str(tiny), "--attention", "hylra")
+    probes = {}
+    for method, params in (("dense", {}), ("hylra", {"topk_tokens": 32, "prefill": "dense"})):
+        llm, probe, label = build_engine(args, method, params, 1024)
+        probes[label] = probe
+    ids = [random.Random(1).randrange(3, 200) for _ in range(400)]
+    runner = llm.engine.runner
+    (fid,) = run_fidelity(runner.model, runner.block_size, probes, ids, chunk=128, skip=64, decode=16,
+                          progress=False)
+    assert fid["kl_mean"] < 1e-6 and fid["top1_agreement"] == 1.0  # the prompt chunks attend densely
+    assert fid["attended_decode"] < 0.9 and fid["kl_mean_decode"] > 0.0  # the decode steps do not
