@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {name: getattr(args, name) for name in
               ("budget_frac", "budget_tokens", "segment_tokens", "tokens_per_cluster", "kmeans_iters", "decay",
                "sink_tokens", "window", "prefill_tile") if getattr(args, name) is not None}
+    params["prefill"] = "sparse"  # the report measures how the prompt chunks are routed
     device = torch.device(args.device)
     loaded = load_model(args.model, device, args.dtype)
     model, config = loaded.model, loaded.config
