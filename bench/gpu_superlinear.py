@@ -85,7 +85,8 @@ def make_meta(seqs: list[tuple[int, int]], table: torch.Tensor, page: int, devic
 def make_cache(ctx: SuiteContext, contexts: list[int], kv_heads: int, head_dim: int, page: int,
                dtype: torch.dtype, bounds: bool) -> tuple[LayerCache, torch.Tensor]:
     """A paged cache holding random keys/values for sequences of the given lengths (random physical
-    blocks), with exact per-block kmin/kmax when `bounds`. Returns (cache, block table)."""
+    blocks), with exact per-block kmin/kmax/kmean when `bounds` (summary search reads kmin/kmax with
+    score "bound", kmean with score "mean"). Returns (cache, block table)."""
     g = ctx.generator()
     nbs = [-(-c // page) for c in contexts]
     total = sum(nbs)
@@ -105,17 +106,20 @@ def make_cache(ctx: SuiteContext, contexts: list[int], kv_heads: int, head_dim: 
     if bounds:
         cache.aux["kmin"] = torch.empty(total, kv_heads, head_dim, dtype=dtype, device=ctx.device)
         cache.aux["kmax"] = torch.empty_like(cache.aux["kmin"])
+        cache.aux["kmean"] = torch.empty_like(cache.aux["kmin"])
         for s in range(0, total, step):
             e = min(total, s + step)
             cache.aux["kmin"][s:e] = cache.k[s:e].amin(2)
             cache.aux["kmax"][s:e] = cache.k[s:e].amax(2)
-        # partial last blocks: bounds over their filled slots only
+            cache.aux["kmean"][s:e] = cache.k[s:e].float().mean(2).to(dtype)
+        # partial last blocks: summaries over their filled slots only
         for i, (c, nb) in enumerate(zip(contexts, nbs)):
             fill = c - (nb - 1) * page
             if fill < page:
                 b = int(table[i, nb - 1])
                 cache.aux["kmin"][b] = cache.k[b, :, :fill].amin(1)
                 cache.aux["kmax"][b] = cache.k[b, :, :fill].amax(1)
+                cache.aux["kmean"][b] = cache.k[b, :, :fill].float().mean(1).to(dtype)
     return cache, table
 
 
@@ -382,9 +386,9 @@ def _prefill_once(ctx: SuiteContext, tri, params, prompt: int, chunk: int, q_hea
     table = torch.randperm(blocks, generator=g, device=ctx.device).view(1, blocks).to(torch.int32)
     shape = (blocks, kv_heads, page, head_dim)
     cache = LayerCache(torch.empty(shape, dtype=dtype, device=ctx.device), torch.empty(shape, dtype=dtype, device=ctx.device))
-    if params.search == "summary" and not dense:
-        cache.aux["kmin"] = torch.empty(blocks, kv_heads, head_dim, dtype=dtype, device=ctx.device)
-        cache.aux["kmax"] = torch.empty_like(cache.aux["kmin"])
+    if not dense:
+        for name in ref.summary_table_names(params):
+            cache.aux[name] = torch.empty(blocks, kv_heads, head_dim, dtype=dtype, device=ctx.device)
     chunks = []
     for start in range(0, prompt, chunk):
         n = min(chunk, prompt - start)
@@ -454,8 +458,8 @@ def _kernel_report_calls(dtype: torch.dtype) -> None:
         blocks = 4096 // page * 2
         cache = LayerCache(torch.empty(blocks, kv_heads, page, head_dim, dtype=dtype),
                            torch.empty(blocks, kv_heads, page, head_dim, dtype=dtype),
-                           {"kmin": torch.empty(blocks, kv_heads, head_dim, dtype=dtype),
-                            "kmax": torch.empty(blocks, kv_heads, head_dim, dtype=dtype)})
+                           {name: torch.empty(blocks, kv_heads, head_dim, dtype=dtype)
+                            for name in ("kmin", "kmax", "kmean")})
         table = torch.arange(blocks, dtype=torch.int32).view(2, -1)
         for query_len in ((1, 512) if page == 64 else (1,)):
             seqs = [(4096 - 7, query_len), (4096 - 100, query_len)]
