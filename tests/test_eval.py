@@ -166,6 +166,7 @@ def _eval_args(*argv):
     return build_parser().parse_args(["eval", *argv])
 
 
+@pytest.mark.slow
 def test_eval_end_to_end_on_a_tiny_checkpoint(tiny, tmp_path, capsys):
     from longserve.evals.run import run
 
