@@ -25,7 +25,7 @@ def plot_accuracy(result: dict[str, Any], path: str) -> None:
         raise OSError(f"--plot needs matplotlib (pip install longserve[plot]): {e}") from None
     samples = result["samples"]
     labels = [m["label"] for m in result["methods"]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     for ax, field, xlabel in ((axes[0], "length", "context length (tokens)"),
                               (axes[1], "depth", "needle depth (fraction of the context)")):
         for label in labels:
@@ -37,9 +37,11 @@ def plot_accuracy(result: dict[str, Any], path: str) -> None:
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     axes[0].set_xscale("log", base=2)
-    axes[1].legend(fontsize=7, loc="lower left")
+    axes[1].set_xlim(-0.05, 1.05)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=2, frameon=False)
     model = result["settings"].get("model") or "smollm2-135m-instruct"
     fig.suptitle(f"longserve eval: {model}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * ((len(labels) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

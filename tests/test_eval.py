@@ -174,10 +174,12 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tiny, tmp_path, capsys):
     args = _eval_args("--model", str(tiny), "--lengths", "640", "--depths", "0.5", "--tasks", "passkey,vt",
                       "--attention", "hylra", "--attention-config",
                       '{"hylra": [{"topk_tokens": 64, "prefill": "sparse"}]}', "--diagnose",
-                      "--fidelity-chunk", "128", "--chunk", "256", "--json", str(out), "--no-progress")
+                      "--fidelity-chunk", "128", "--chunk", "256", "--json", str(out), "--plot",
+                      str(tmp_path / "eval.png"), "--no-progress")
     assert run(args) == 0
     report = capsys.readouterr().out
     assert "Tasks" in report and "Fidelity against dense" in report and "Needle recall" in report
+    assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(out.read_text())
     assert [m["method"] for m in result["methods"]] == ["dense", "hylra"]
     by_method = {}
