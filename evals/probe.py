@@ -6,14 +6,15 @@ reuse layer) and counts, per sequence:
   attended share  keys attended / keys visible, summed over layers, heads and query tokens (causal: a query at
                   position p sees p + 1 keys; full layers and dense-prefilled prompt chunks attend to all)
   needle recall   (when the sequence was registered with `watch`) for every query at or after the question's
-                  first token, per layer and KV head: the share of the evidence tokens (the needle) inside the
+                  first token, per layer and query head: the share of the evidence tokens (the needle) inside the
                   selection; beside it the exact (dense) softmax mass those queries put on the evidence and the
                   best rank of an evidence token among all keys by exact score, so a miss can be told apart:
                   within the budget (the method's search ranked the needle too low) or beyond it (even exact
                   top-k attention at this budget would drop it).
 
 Selections are read through `selected_keys`, one adapter per selection type (HyLRA blocks per query tile,
-routing positions per tile, superlinear spans and windows per token and query head).
+routing positions per tile, superlinear spans and windows per token and query head). Superlinear's Triton path
+keeps its spans in a device layout of its own; the probe reports it as not measured.
 """
 
 from __future__ import annotations
@@ -162,11 +163,10 @@ class Watch:
 class SelectionProbe:
     """Runs the wrapped backend unchanged and measures what each layer attended (see the module doc)."""
 
-    def __init__(self, inner, num_layers: int):
+    def __init__(self, inner):
         self.inner = inner
         self.name = inner.name
         self.plan = inner.plan
-        self.num_layers = num_layers
         # seq id -> [attended, visible] in prompt chunks, then the same in decode steps (one token per sequence)
         self.counts: dict[int, list[int]] = {}
         self.watches: dict[int, Watch] = {}

@@ -82,7 +82,7 @@ def build_engine(args, method: str, params: dict, max_len: int, policy: str | No
                           max_num_batched_tokens=args.chunk, enable_prefix_caching=False,
                           seed=args.seed)
     llm = LLM.from_config(config)
-    probe = SelectionProbe(llm.engine.backend, llm.engine.model_config.num_layers)
+    probe = SelectionProbe(llm.engine.backend)
     llm.engine.backend = probe
     llm.engine.runner.backend = probe
     return llm, probe, method_label(method, params, policy is not None)

@@ -114,7 +114,7 @@ def _planted_run(topk_tokens: int):
     plan = AttentionPlan.uniform("hylra", 1, {"topk_tokens": topk_tokens, "sink_blocks": 1, "recent_blocks": 2,
                                               "prefill": "sparse"})  # the prompt chunks select (and are probed)
     backend = build_backend(plan=plan, impl="torch")
-    probe = SelectionProbe(backend, 1)
+    probe = SelectionProbe(backend)
     cfg = type("C", (), {"num_layers": 1, "num_kv_heads": hkv, "head_dim": d})()
     caches = make_caches(cfg, n // bs, bs, torch.float32, "cpu", backend.aux_specs(hkv, d))
     gen = torch.Generator().manual_seed(0)
@@ -270,7 +270,7 @@ def test_key_sets_reproduce_each_methods_output(method, params):
 
     hq, hkv, d, n, bs = 4, 2, 16, 400, 16
     backend = build_backend(plan=AttentionPlan.uniform(method, 1, params), impl="torch")
-    probe = SelectionProbe(backend, 1)
+    probe = SelectionProbe(backend)
     cfg = type("C", (), {"num_layers": 1, "num_kv_heads": hkv, "head_dim": d})()
     caches = make_caches(cfg, n // bs + 1, bs, torch.float32, "cpu", backend.aux_specs(hkv, d))
     gen = torch.Generator().manual_seed(1)
