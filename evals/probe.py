@@ -13,8 +13,8 @@ reuse layer) and counts, per sequence:
                   top-k attention at this budget would drop it).
 
 Selections are read through `selected_keys`, one adapter per selection type (HyLRA blocks per query tile,
-routing positions per tile, superlinear spans and windows per token and query head). Superlinear's Triton path
-keeps its spans in a device layout of its own; the probe reports it as not measured.
+routing positions per tile, superlinear spans and windows per token and query head, from the reference or the
+Triton path).
 """
 
 from __future__ import annotations
@@ -110,8 +110,16 @@ def _routing_rows(sel) -> Iterator[KeyRows]:
 
 
 def _span_rows(sel, meta: AttentionMetadata) -> Iterator[IntervalRows]:
-    if sel.per_seq is None:
-        raise TypeError("the Triton path keeps its span selection in its own device layout")
+    if sel.paged is not None:  # Triton: key ranges [T, Hq, J, 2] (end exclusive) beside each token's window
+        for i in range(meta.num_seqs):
+            sl = meta.query_slice(i)
+            pos = meta.positions[sl].cpu()
+            ranges = sel.paged.ranges[sl].long().cpu().transpose(0, 1)  # [Hq, M, J, 2]
+            spans = torch.stack([ranges[..., 0], ranges[..., 1] - 1], -1)
+            window = torch.stack([sel.paged.geometry.sw_start[sl].cpu(), pos], -1)
+            window = window[None, :, None].expand(spans.shape[0], -1, -1, -1)
+            yield IntervalRows(i, sl.start, pos, torch.cat([window, spans], 2))
+        return
     for i, spans in enumerate(sel.per_seq):
         base = meta.query_slice(i).start
         positions = meta.positions[meta.query_slice(i)].cpu()
