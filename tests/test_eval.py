@@ -201,19 +201,23 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tiny, tmp_path, capsys):
     assert fid["attended"] < 1.0 and fid["decoded"] == 64 and fid["attended_decode"] < 1.0
 
 
-def test_fidelity_of_a_budget_covering_everything_is_exact(tiny):
+def _fidelity_against_dense(tiny, hylra_params: dict, tokens: int, seed: int, **kwargs) -> dict:
+    """run_fidelity of dense and one HyLRA variant on the tiny model over random token ids."""
     from longserve.evals.run import build_engine, run_fidelity
 
-    args = _eval_args("--model", str(tiny), "--attention", "hylra",
-                      "--attention-config", '{"hylra": {"topk_tokens": 4096}}')
+    args = _eval_args("--model", str(tiny), "--attention", "hylra")
     probes = {}
-    for method, params in (("dense", {}), ("hylra", {"topk_tokens": 4096})):
+    for method, params in (("dense", {}), ("hylra", hylra_params)):
         llm, probe, label = build_engine(args, method, params, 1024)
         probes[label] = probe
-    ids = [random.Random(0).randrange(3, 200) for _ in range(300)]
+    ids = [random.Random(seed).randrange(3, 200) for _ in range(tokens)]
     runner = llm.engine.runner
-    (fid,) = run_fidelity(runner.model, runner.block_size, probes, ids, chunk=64, skip=32, decode=20,
-                          progress=False)
+    (fid,) = run_fidelity(runner.model, runner.block_size, probes, ids, progress=False, **kwargs)
+    return fid
+
+
+def test_fidelity_of_a_budget_covering_everything_is_exact(tiny):
+    fid = _fidelity_against_dense(tiny, {"topk_tokens": 4096}, 300, 0, chunk=64, skip=32, decode=20)
     assert fid["decoded"] == 20 and fid["kl_mean_decode"] < 1e-6 and fid["top1_agreement_decode"] == 1.0
     assert fid["kl_mean"] < 1e-6 and fid["top1_agreement"] == 1.0
     assert fid["ppl"] == pytest.approx(fid["ppl_dense"], rel=1e-5)
@@ -361,16 +365,7 @@ def test_a_policy_goes_to_the_method_it_names(tmp_path):
 
 
 def test_fidelity_with_dense_prefill_is_exact_in_prefill_and_sparse_in_decode(tiny):
-    from longserve.evals.run import build_engine, run_fidelity
-
-    args = _eval_args("--model", str(tiny), "--attention", "hylra")
-    probes = {}
-    for method, params in (("dense", {}), ("hylra", {"topk_tokens": 32, "prefill": "dense"})):
-        llm, probe, label = build_engine(args, method, params, 1024)
-        probes[label] = probe
-    ids = [random.Random(1).randrange(3, 200) for _ in range(400)]
-    runner = llm.engine.runner
-    (fid,) = run_fidelity(runner.model, runner.block_size, probes, ids, chunk=128, skip=64, decode=16,
-                          progress=False)
+    fid = _fidelity_against_dense(tiny, {"topk_tokens": 32, "prefill": "dense"}, 400, 1, chunk=128, skip=64,
+                                  decode=16)
     assert fid["kl_mean"] < 1e-6 and fid["top1_agreement"] == 1.0  # the prompt chunks attend densely
     assert fid["attended_decode"] < 0.9 and fid["kl_mean_decode"] > 0.0  # the decode steps do not
