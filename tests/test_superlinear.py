@@ -517,7 +517,8 @@ def test_paged_backend_p055_gqa_groups_of_three():
 
 def test_summary_search_needs_window_of_a_block():
     sc = PagedScenario([40], block_size=16)
-    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"sw_index": 2, "impl": "torch", "prefill": "sparse"}))  # W = 8
+    backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"sw_index": 2, "impl": "torch",
+                                                                          "prefill": "sparse"}))  # W = 8
     with pytest.raises(BackendError, match="window"):
         sc.run(backend)
 

@@ -326,7 +326,8 @@ def select_spans(q_search: torch.Tensor, cache: LayerCache, meta: AttentionMetad
         n = min(per_slice, tokens - t0)
         if summary:
             # q . kmean = relu(q) . kmean + min(q, 0) . kmean: the bound kernel with kmean on both sides
-            kmin, kmax = (cache.aux["kmin"], cache.aux["kmax"]) if params.score == "bound" else (cache.aux["kmean"],) * 2
+            tables = [cache.aux[name] for name in ref.summary_table_names(params)]
+            kmin, kmax = tables if params.score == "bound" else tables * 2
             ub = torch.empty(n, hq, max_blocks, dtype=torch.float32, device=device)
             _block_bounds_kernel[(n, hkv, cdiv(max_blocks, _BLOCKS_PER_PROGRAM))](
                 q_search, kmin, kmax, ub, meta.positions, geom.token_seq, bt, t0,
@@ -405,7 +406,8 @@ def span_attention_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     cache = LayerCache(paged(k).contiguous(), paged(v).contiguous())
     if params.search == "summary":
-        for name, bound in zip(ref.summary_table_names(params), ref.summary_tables(k.reshape(bsz * hkv, lk, d), params, block_size)):
+        tables = ref.summary_tables(k.reshape(bsz * hkv, lk, d), params, block_size)
+        for name, bound in zip(ref.summary_table_names(params), tables):
             # [B * Hkv, nb, D] -> [B * nb, Hkv, D]: block j of batch element b is physical block b * nb + j
             cache.aux[name] = bound.view(bsz, hkv, nb, d).transpose(1, 2).reshape(bsz * nb, hkv, d).to(k.dtype)
     device = q.device
