@@ -289,6 +289,6 @@ def _hylra_calls(dtype: torch.dtype) -> None:
 try:
     from .kernel_report import register
 
-    register("hylra", _hylra_calls, ["longserve.kernels.triton.hylra"])
+    register("hylra", _hylra_calls, ["longserve.kernels.triton.hylra", "longserve.kernels.triton.block_summaries"])
 except ImportError:  # the report is optional
     pass

@@ -476,7 +476,7 @@ try:
     from .kernel_report import register as _register_report
 
     _register_report("superlinear", _kernel_report_calls,
-                     ["longserve.kernels.triton.superlinear", "longserve.kernels.triton.sparse",
+                     ["longserve.kernels.triton.superlinear", "longserve.kernels.triton.block_summaries", "longserve.kernels.triton.sparse",
                       "longserve.kernels.triton.dense"])
 except ImportError:  # the report module is optional for the suite
     pass

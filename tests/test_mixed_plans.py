@@ -442,7 +442,7 @@ def test_superlinear_triton_reuse_matches_the_reference():
     """The Triton path (interpreter on CPU) hands its spans ([T, Hq, K, 2] key ranges) to the reuse layer too:
     compute + reuse layers equal the PyTorch path's, step by step."""
     layers = [LayerPlan("compute"), LayerPlan("reuse", 0)]
-    params = {"sw_index": 1, "num_spans": 2}
+    params = {"sw_index": 1, "num_spans": 2, "prefill": "sparse"}  # every step selects
     outs = {}
     for impl in ("torch", "triton"):
         backend = PlannedBackend(AttentionPlan("superlinear", layers, dict(params, impl=impl)), impl=impl)

@@ -701,7 +701,7 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("_")]
     assert {line.split()[0] for line in lines} >= {
-        "_update_bounds_kernel", "_block_bounds_kernel", "_stripe_topk_kernel", "_select_kernel",
+        "_update_summaries_kernel", "_block_bounds_kernel", "_stripe_topk_kernel", "_select_kernel",
         "_range_split_kernel", "_range_combine_kernel", "_range_tile_kernel", "_window_tile_kernel"}
     assert all(" stack=0 " in line for line in lines), proc.stdout
     assert all("GMMA" in line for line in lines if line.startswith(("_range_tile", "_window_tile"))), proc.stdout
