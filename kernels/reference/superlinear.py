@@ -122,8 +122,13 @@ def _bucket(max_t: int) -> int:
 def stripe_table(search_power: float, max_t: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """[n] int64 off(s) = floor(s^(1/p)) for stripes s = 0 .. n-1 with off(s) <= max_t (rounded up to a
     power of two). Stripe s is valid for t = q + 1 iff s >= sw_index + 1 and off(s) <= t: the published
-    rule floor(s^(1/p)) <= q + 1 (so a_s = t - off(s) >= 0)."""
-    return torch.tensor(_stripe_offsets(float(search_power), _bucket(max_t)), dtype=torch.int64, device=device)
+    rule floor(s^(1/p)) <= q + 1 (so a_s = t - off(s) >= 0). Cached per bucket: callers only read it."""
+    return _stripe_tensor(float(search_power), _bucket(max_t), str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _stripe_tensor(search_power: float, bucket: int, device: str) -> torch.Tensor:
+    return torch.tensor(_stripe_offsets(search_power, bucket), dtype=torch.int64, device=device)
 
 
 def num_valid_stripes(t: int, params: SpanParams) -> int:
@@ -309,7 +314,11 @@ def select_spans(qs: torch.Tensor, k: torch.Tensor | KeyRows, positions: torch.T
     t_max = int(positions.max()) + 1 if m else 1
     num_stripes = max(num_valid_stripes(t_max, params), 1)
     geom = span_geometry(positions, params, num_stripes)
-    scores = search_scores(qs, k, geom, params, bounds=bounds, block_size=block_size)
+    if num_valid_stripes(t_max, params):
+        scores = search_scores(qs, k, geom, params, bounds=bounds, block_size=block_size)
+    else:  # no query has a valid stripe (short contexts): every score is -inf, so skip the search
+        scores = torch.full((qs.shape[0], m, num_stripes), float("-inf"), device=qs.device,
+                            dtype=torch.float64 if qs.dtype == torch.float64 else torch.float32)
     kk = min(params.num_spans, num_stripes)
     # Ties (common with summary search: neighbouring spans share their best block) go to the smaller
     # stripe, i.e. the anchor nearer the query: a stable descending sort keeps that order.
@@ -520,15 +529,19 @@ def attend_union_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     key = torch.arange(n, device=q.device)
     pos = positions.to(torch.int64)
     used = sel.valid & (sel.starts <= sel.ends)
-    first = torch.where(used, sel.starts, n)
-    after = torch.where(used, sel.ends + 1, n)
-    ones = torch.ones_like(first, dtype=torch.int32)
-    marks = torch.zeros(hq, m, n + 1, dtype=torch.int32, device=q.device)
-    marks.scatter_add_(2, first, ones).scatter_add_(2, after, -ones)
-    mask = marks.cumsum(2)[..., :n] > 0
-    mask |= ((key[None, :] >= sw_start[:, None]) & (key[None, :] <= pos[:, None]))[None]
+    window = ((key[None, :] >= sw_start[:, None]) & (key[None, :] <= pos[:, None]))[None]  # [1, M, N]
+    if bool(used.any()):
+        first = torch.where(used, sel.starts, n)
+        after = torch.where(used, sel.ends + 1, n)
+        ones = torch.ones_like(first, dtype=torch.int32)
+        marks = torch.zeros(hq, m, n + 1, dtype=torch.int32, device=q.device)
+        marks.scatter_add_(2, first, ones).scatter_add_(2, after, -ones)
+        mask = (marks.cumsum(2)[..., :n] > 0) | window
+    else:  # no span (short contexts): the windows alone; None when they cover every key (a decode token)
+        mask = None if bool(window.all()) else window
     out = torch.nn.functional.scaled_dot_product_attention(
-        q[None].to(acc), k[None].to(acc), v[None].to(acc), attn_mask=mask[None], scale=scale, enable_gqa=True)
+        q[None].to(acc), k[None].to(acc), v[None].to(acc), attn_mask=None if mask is None else mask[None],
+        scale=scale, enable_gqa=True)
     return out[0]
 
 
