@@ -28,8 +28,9 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) 
     """One sequence's keys (or values) from the paged cache as a contiguous [Hkv, context_len, D]."""
     block_size = cache.shape[2]
     num_blocks = (context_len + block_size - 1) // block_size
-    blocks = cache[block_table[:num_blocks].long()]  # [nb, Hkv, bs, D]
-    return blocks.permute(1, 0, 2, 3).reshape(cache.shape[1], num_blocks * block_size, cache.shape[3])[:, :context_len]
+    # indexing the head-major view copies once, straight into [Hkv, nb, bs, D] (the reshape is then free)
+    blocks = cache.transpose(0, 1)[:, block_table[:num_blocks].long()]
+    return blocks.reshape(cache.shape[1], num_blocks * block_size, cache.shape[3])[:, :context_len]
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -179,6 +179,21 @@ def span_geometry(positions: torch.Tensor, params: SpanParams, num_stripes: int)
     return SpanGeometry(anchors, valid, starts, ends, sw_start)
 
 
+# A tile of at most this many queries counts as decode: its geometry is cached (every layer of a forward pass
+# searches from the same positions) and its contiguous attention is one bmm rather than SDPA.
+_DECODE_QUERIES = 4
+
+
+def decode_geometry(positions: torch.Tensor, params: SpanParams, num_stripes: int) -> SpanGeometry:
+    """span_geometry, cached by the (few) positions: callers only read the tensors."""
+    return _cached_geometry(tuple(positions.tolist()), params, num_stripes, str(positions.device))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_geometry(positions: tuple[int, ...], params: SpanParams, num_stripes: int, device: str) -> SpanGeometry:
+    return span_geometry(torch.tensor(positions, dtype=torch.int64, device=device), params, num_stripes)
+
+
 # ------------------------------------------------------------------------------------------- search
 
 def summary_table_names(params: SpanParams) -> tuple[str, ...]:
@@ -313,7 +328,8 @@ def select_spans(qs: torch.Tensor, k: torch.Tensor | KeyRows, positions: torch.T
     m = positions.shape[0]
     t_max = int(positions.max()) + 1 if m else 1
     num_stripes = max(num_valid_stripes(t_max, params), 1)
-    geom = span_geometry(positions, params, num_stripes)
+    geom = decode_geometry(positions, params, num_stripes) if m <= _DECODE_QUERIES else \
+        span_geometry(positions, params, num_stripes)
     if num_valid_stripes(t_max, params):
         scores = search_scores(qs, k, geom, params, bounds=bounds, block_size=block_size)
     else:  # no query has a valid stripe (short contexts): every score is -inf, so skip the search
@@ -353,12 +369,12 @@ def with_sinks(sel: Selection, sw_start: torch.Tensor, sink_tokens: int) -> Sele
 
 # ---------------------------------------------------------------------------------------- attention
 
-def _masked_attention(scores: torch.Tensor, mask: torch.Tensor, v: torch.Tensor, hkv: int
+def _masked_attention(scores: torch.Tensor, mask: torch.Tensor | None, v: torch.Tensor, hkv: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(scores masked) @ v. scores [Hq, M, N], mask broadcastable, v [Hkv, N, D].
+    """softmax(scores masked) @ v. scores [Hq, M, N], mask broadcastable (None: every key), v [Hkv, N, D].
     Returns out [Hq, M, D] and lse [Hq, M]."""
     hq, m, n = scores.shape
-    s = scores.masked_fill(~mask, float("-inf"))
+    s = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     probs = torch.nan_to_num(torch.exp(s - lse.unsqueeze(-1)), nan=0.0)
     out = torch.bmm(probs.reshape(hkv, (hq // hkv) * m, n), v.to(probs.dtype)).reshape(hq, m, -1)
@@ -538,11 +554,18 @@ def attend_union_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         marks.scatter_add_(2, first, ones).scatter_add_(2, after, -ones)
         mask = (marks.cumsum(2)[..., :n] > 0) | window
     else:  # no span (short contexts): the windows alone; None when they cover every key (a decode token)
-        mask = None if bool(window.all()) else window
+        mask = None if bool(window.all()) else window.expand(hq, -1, -1)
+    # The query heads of a KV head become rows of one [group * M] query block, so K/V are not repeated per head.
+    hkv = k.shape[0]
+    rows = (hq // hkv) * m
+    qf = q.to(acc).reshape(hkv, rows, -1)
+    if m <= _DECODE_QUERIES:
+        # Decode: scores by one bmm (SDPA's CPU math path would first scale a strided copy of every key).
+        scores = torch.bmm(qf, k.to(acc).transpose(1, 2)).reshape(hq, m, n) * scale
+        return _masked_attention(scores, mask, v, hkv)[0]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q[None].to(acc), k[None].to(acc), v[None].to(acc), attn_mask=None if mask is None else mask[None],
-        scale=scale, enable_gqa=True)
-    return out[0]
+        qf, k.to(acc), v.to(acc), attn_mask=None if mask is None else mask.reshape(hkv, rows, n), scale=scale)
+    return out.reshape(hq, m, -1)
 
 
 def paged_span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
