@@ -184,7 +184,9 @@ class SuperlinearBackend:
             sl = meta.query_slice(i)
             ctx = meta.context_lens_cpu[i]
             table = meta.block_tables[i]
-            bounds = gather_block_bounds(cache, table, ctx, self.params) if self.params.search == "summary" else None
+            # no bounds where no query has a stripe to score (short contexts): the search is skipped there
+            searched = self.params.search == "summary" and ref.num_valid_stripes(ctx, self.params) > 0
+            bounds = gather_block_bounds(cache, table, ctx, self.params) if searched else None
             per_seq.append(ref.paged_span_select(q[sl].transpose(0, 1), cache.k, table, meta.positions[sl],
                                                  self.params, bounds=bounds))
         return SpanSelection(q.shape[0], q.shape[1], per_seq=per_seq)

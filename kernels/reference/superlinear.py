@@ -480,15 +480,7 @@ def paged_span_select(qs: torch.Tensor, k_cache: torch.Tensor, block_table: torc
     if m == 0:
         return PagedSpans([])
     keys = paged_rows(k_cache, block_table)
-    t_max = int(positions.max()) + 1
-    stripes = max(num_valid_stripes(t_max, params), 1)
-    t = torch.tensor([t_max])
-    span = int(span_reach(t, params.span_power, params.backward_factor) + span_reach(t, params.span_power,
-                                                                                      params.forward_factor)) + 1
-    attended = params.window + 1 + params.num_spans * span
-    nb = 0 if bounds is None else bounds[0].shape[1]
-    per_query = hq * max(attended * (d + 4), stripes * (d + 8), nb * 24)
-    tile = max(1, _MAX_TILE_ELEMENTS // max(1, per_query))
+    tile = 1 if m == 1 else _select_tile(qs.shape, int(positions.max()) + 1, params, bounds)
     tiles = []
     for s in range(0, m, tile):
         e = min(m, s + tile)
@@ -496,6 +488,19 @@ def paged_span_select(qs: torch.Tensor, k_cache: torch.Tensor, block_table: torc
                                      block_size=k_cache.shape[2])
         tiles.append((s, e, sel, sw_start))
     return PagedSpans(tiles)
+
+
+def _select_tile(shape: torch.Size, t_max: int, params: SpanParams, bounds: tuple[torch.Tensor, ...] | None) -> int:
+    """Queries per tile of the paged search, so its largest tensors stay under _MAX_TILE_ELEMENTS."""
+    hq, _, d = shape
+    stripes = max(num_valid_stripes(t_max, params), 1)
+    t = torch.tensor([t_max])
+    span = int(span_reach(t, params.span_power, params.backward_factor) + span_reach(t, params.span_power,
+                                                                                      params.forward_factor)) + 1
+    attended = params.window + 1 + params.num_spans * span
+    nb = 0 if bounds is None else bounds[0].shape[1]
+    per_query = hq * max(attended * (d + 4), stripes * (d + 8), nb * 24)
+    return max(1, _MAX_TILE_ELEMENTS // max(1, per_query))
 
 
 def paged_span_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -511,8 +516,8 @@ def paged_span_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     for s, e, sel, sw_start in spans.tiles:
         pos = positions[s:e]
         visible = int(pos.max()) + 1
-        if (combine == "union" or not bool(sel.valid.any())) and \
-                visible <= _CONTIGUOUS_FACTOR * _attended_bound(sel, sw_start, pos):
+        if not bool(sel.valid.any()) or (combine == "union" and
+                                          visible <= _CONTIGUOUS_FACTOR * _attended_bound(sel, sw_start, pos)):
             # Short contexts (and tiles without any stripe, which attend causally to [0, q] in both modes): one
             # fused masked attention over the contiguous keys costs less than gathering every attended key per
             # query and head.
