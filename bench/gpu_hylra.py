@@ -9,6 +9,7 @@ import torch
 
 from longserve.kernels.base import AttentionMetadata, LayerCache, StepState
 from longserve.kernels.plan import AttentionPlan, LayerPlan
+from longserve.kernels.reference import block_summaries as ref_summaries
 from longserve.kernels.reference import hylra as ref
 from longserve.kernels.reference.dense import write_kv
 
@@ -107,17 +108,18 @@ def _params(ctx: SuiteContext, per_head: bool = False, head_reduce: str = "sum",
 # ------------------------------------------------------------------------------------------- checks
 @check("hylra.bounds", order=60)
 def check_bounds(ctx: SuiteContext):
+    from longserve.kernels.triton import block_summaries as tri_summaries
     from longserve.kernels.triton import hylra as tri
     hq, hkv, d, bs, dec, (pctx, chunk) = _shapes(ctx)
     for dtype in ctx.dtypes():
         cache, meta, q, k, v = paged_case(ctx, dtype, [(c, 1) for c in dec] + [(pctx, chunk)], hq, hkv, d, bs)
         write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
         want = {name: table.clone() for name, table in cache.aux.items()}
-        ref.update_block_summaries(cache.k, want, meta.slot_mapping)
+        ref_summaries.update_block_summaries(cache.k, want, meta.slot_mapping)
         touched = torch.div(meta.slot_mapping, bs, rounding_mode="floor").unique()
         for table in cache.aux.values():
             table[touched] = float("nan")
-        tri.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
+        tri_summaries.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
         case = f"{str(dtype)[6:]} {len(dec)} decode + chunk {chunk}"
         got = torch.stack([cache.aux["kmin"], cache.aux["kmax"]])
         yield ctx.compare("hylra.bounds", "min/max " + case, got, torch.stack([want["kmin"], want["kmax"]]), dtype,
@@ -128,6 +130,7 @@ def check_bounds(ctx: SuiteContext):
 
 @check("hylra.select", order=61)
 def check_select(ctx: SuiteContext):
+    from longserve.kernels.triton import block_summaries as tri_summaries
     from longserve.kernels.triton import hylra as tri
     hq, hkv, d, bs, dec, (pctx, chunk) = _shapes(ctx)
     for dtype in ctx.dtypes():
@@ -149,6 +152,7 @@ def check_select(ctx: SuiteContext):
 
 @check("hylra.attend", order=62)
 def check_attend(ctx: SuiteContext):
+    from longserve.kernels.triton import block_summaries as tri_summaries
     from longserve.kernels.triton import hylra as tri
     hq, hkv, d, bs, dec, (pctx, chunk) = _shapes(ctx)
     for dtype in ctx.dtypes():
@@ -201,6 +205,7 @@ def time_decode(ctx: SuiteContext):
     """Decode per layer, one sequence: dense Triton decode vs HyLRA COMPUTE (summary update for the new token,
     block scoring, top-k, attention over the selection) and REUSE (attention over a handed-over selection)."""
     from longserve.kernels.triton import dense as tri_dense
+    from longserve.kernels.triton import block_summaries as tri_summaries
     from longserve.kernels.triton import hylra as tri
     if ctx.tiny:
         hq, hkv, d, bs, contexts, topk = 4, 2, 32, 16, [512], 64
@@ -231,7 +236,7 @@ def time_decode(ctx: SuiteContext):
             tri_dense.paged_attention(q, cache.k, cache.v, meta, out=out)
 
         def compute():
-            tri.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
+            tri_summaries.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
             s = tri.select(q, cache.aux, meta, **params)
             tri.attend(q, cache.k, cache.v, meta, s, out=out)
 
@@ -260,6 +265,7 @@ def time_decode(ctx: SuiteContext):
 def _hylra_calls(dtype: torch.dtype) -> None:
     """The HyLRA wrappers at serving shapes (Hq 32 / Hkv 8 / D 128, 64-token blocks; and D 64 with groups of 3
     as in SmolLM2), decode and a prefill chunk, shared and per-head selection: for bench/kernel_report.py."""
+    from longserve.kernels.triton import block_summaries as tri_summaries
     from longserve.kernels.triton import hylra as tri
 
     for hq, hkv, d, bs in ((32, 8, 128, 64), (9, 3, 64, 64)):
@@ -279,7 +285,7 @@ def _hylra_calls(dtype: torch.dtype) -> None:
                                              dtype=torch.int32),
                 block_size=bs, context_lens_cpu=[c for c, _ in seqs], query_lens_cpu=[n for _, n in seqs])
             q = torch.empty(t, hq, d, dtype=dtype)
-            tri.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
+            tri_summaries.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
             for per_head, score in ((False, "mean"), (True, "mean"), (False, "bound")):
                 sel = tri.select(q, cache.aux, meta, topk_tokens=2048, sink_blocks=1, recent_blocks=4,
                                  per_head=per_head, head_reduce="sum", prefill_tile=64, score=score)

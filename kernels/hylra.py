@@ -35,7 +35,7 @@ from .params import bool_param, check_impl_name, choice_param, int_param, with_d
 from .prefill import attend_by_prefill_mode, check_prefill
 from .reference import dense as ref_dense
 from .reference import hylra as ref
-from .reference.block_summaries import summarize_full_blocks
+from .reference import block_summaries as ref_summaries
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "topk_tokens": 2048,
@@ -93,7 +93,7 @@ class HyLRABackend:
 
     def prepare_synthetic(self, layer_idx: int, cache: LayerCache, num_blocks: int) -> None:
         """Rebuild the summaries of blocks [0, num_blocks) written directly into the cache, all full (benches)."""
-        summarize_full_blocks(cache.k, cache.aux, num_blocks)
+        ref_summaries.summarize_full_blocks(cache.k, cache.aux, num_blocks)
 
     def _selection_params(self) -> dict[str, Any]:
         p = self.params
@@ -114,6 +114,7 @@ class HyLRABackend:
         if layer.mode == "full":
             return self._dense.forward(layer_idx, q, k, v, cache, meta, state)
         if resolve_impl(self.impl, q.device) == "triton":
+            from .triton import block_summaries as summaries
             from .triton import dense as dense_kern
             from .triton import hylra as kern  # lazily: CPU-only installs never import triton
             try:
@@ -121,9 +122,9 @@ class HyLRABackend:
             except ValueError as e:
                 raise BackendError(f"hylra: {e} (or use impl='torch')") from None
         else:
-            kern, dense_kern = ref, ref_dense
+            kern, dense_kern, summaries = ref, ref_dense, ref_summaries
         dense_kern.write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
-        kern.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
+        summaries.update_block_summaries(cache.k, cache.aux, meta.slot_mapping)
 
         def sparse(qs: torch.Tensor, m: AttentionMetadata) -> torch.Tensor:
             if layer.mode == "compute":

@@ -79,6 +79,7 @@ from longserve.kernels.dense import DenseBackend  # noqa: E402
 from longserve.kernels.hylra import HyLRABackend, validate_params  # noqa: E402
 from longserve.kernels.plan import LayerPlan  # noqa: E402
 from longserve.kernels.reference import dense as ref_dense  # noqa: E402
+from longserve.kernels.reference import block_summaries as ref_summaries  # noqa: E402
 from longserve.kernels.reference import hylra as ref  # noqa: E402
 
 
@@ -115,7 +116,7 @@ class Case:
                 past_v.append(torch.randn(ctx - qlen, hkv, d, generator=g))
             slots = torch.tensor(past_slots, dtype=torch.long)
             ref_dense.write_kv(cache.k, cache.v, torch.cat(past_k), torch.cat(past_v), slots)
-            ref.update_block_summaries(cache.k, cache.aux, slots)
+            ref_summaries.update_block_summaries(cache.k, cache.aux, slots)
             self.caches.append(cache)
         self.meta = AttentionMetadata.for_step(tables, [ctx for ctx, _ in seqs], [qlen for _, qlen in seqs], bs)
         t = self.meta.num_tokens
@@ -263,7 +264,7 @@ def test_block_bounds_track_writes_and_ignore_stale_data():
         keys = torch.randn(step, hkv, d)
         slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(pos, pos + step)])
         ref_dense.write_kv(k_cache, v_cache, keys, torch.zeros_like(keys), slots)
-        ref.update_block_summaries(k_cache, {"kmin": kmin, "kmax": kmax, "kmean": kmean}, slots)
+        ref_summaries.update_block_summaries(k_cache, {"kmin": kmin, "kmax": kmax, "kmean": kmean}, slots)
         for i in range(step):
             written.setdefault(table[(pos + i) // bs], []).append(keys[i])
         pos += step
@@ -341,21 +342,22 @@ def written_cache(case, layer=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_block_bounds_match_reference(dtype):
+    from longserve.kernels.triton import block_summaries as tri_summaries
     from longserve.kernels.triton import hylra as tri
     case = triton_case(dtype, seed=4)
     c = written_cache(case)
     want = {name: table.clone() for name, table in c.aux.items()}
-    ref.update_block_summaries(c.k, want, case.meta.slot_mapping)
+    ref_summaries.update_block_summaries(c.k, want, case.meta.slot_mapping)
     touched = torch.div(case.meta.slot_mapping, 16, rounding_mode="floor").unique()
     for table in c.aux.values():
         table[touched] = float("nan")  # poisoned: every touched block must be rewritten
-    tri.update_block_summaries(c.k, c.aux, case.meta.slot_mapping)
+    tri_summaries.update_block_summaries(c.k, c.aux, case.meta.slot_mapping)
     assert torch.equal(c.aux["kmin"], want["kmin"]) and torch.equal(c.aux["kmax"], want["kmax"])
     torch.testing.assert_close(c.aux["kmean"], want["kmean"], atol=1e-6, rtol=1e-3)  # sums in another order
     # Only the mean table (score "mean"), then only the bounds: each alone is updated alike.
     for names in (("kmean",), ("kmin", "kmax")):
         part = {n: torch.full_like(c.aux[n], float("nan")) for n in names}
-        tri.update_block_summaries(c.k, part, case.meta.slot_mapping)
+        tri_summaries.update_block_summaries(c.k, part, case.meta.slot_mapping)
         for n in names:
             torch.testing.assert_close(part[n][touched], want[n][touched], atol=1e-6, rtol=1e-3)
 
@@ -365,10 +367,11 @@ def test_triton_block_bounds_match_reference(dtype):
                                                          (True, "max", "bound"), (False, "sum", "mean"),
                                                          (True, "sum", "mean")])
 def test_triton_selection_matches_reference(dtype, per_head, head_reduce, score):
+    from longserve.kernels.triton import block_summaries as tri_summaries
     from longserve.kernels.triton import hylra as tri
     case = triton_case(dtype, seed=5)
     c = written_cache(case)
-    ref.update_block_summaries(c.k, c.aux, case.meta.slot_mapping)
+    ref_summaries.update_block_summaries(c.k, c.aux, case.meta.slot_mapping)
     params = dict(topk_tokens=100, sink_blocks=1, recent_blocks=2, per_head=per_head, head_reduce=head_reduce,
                   prefill_tile=20, score=score)  # tiles > 16 queries: the scoring kernel walks them in chunks
     want = ref.select(case.q[0], c.aux, case.meta, **params)
@@ -383,11 +386,12 @@ def test_triton_selection_matches_reference(dtype, per_head, head_reduce, score)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("per_head", [False, True])
 def test_triton_attention_over_selected_blocks_matches_reference(dtype, tol, per_head):
+    from longserve.kernels.triton import block_summaries as tri_summaries
     from longserve.kernels.triton import hylra as tri
     # GQA group of 3, head_dim not a power of two; 32-query tiles x 3 heads = 96 rows: two row chunks.
     case = triton_case(dtype, seed=6, hq=6, hkv=2, d=24)
     c = written_cache(case)
-    ref.update_block_summaries(c.k, c.aux, case.meta.slot_mapping)
+    ref_summaries.update_block_summaries(c.k, c.aux, case.meta.slot_mapping)
     sel = ref.select(case.q[0], c.aux, case.meta, topk_tokens=64, sink_blocks=1,
                      recent_blocks=2, per_head=per_head, head_reduce="max", prefill_tile=32)
     want = ref.attend(case.q[0], c.k, c.v, case.meta, sel)
@@ -425,10 +429,11 @@ def test_triton_path_refuses_small_blocks():
 
 
 def test_triton_decode_selection_matches_reference_with_static_width():
+    from longserve.kernels.triton import block_summaries as tri_summaries
     from longserve.kernels.triton import hylra as tri
     case = Case([(20, 1), (230, 1), (161, 1)], hq=4, hkv=2, d=16, bs=16, seed=8)
     c = written_cache(case)
-    ref.update_block_summaries(c.k, c.aux, case.meta.slot_mapping)
+    ref_summaries.update_block_summaries(c.k, c.aux, case.meta.slot_mapping)
     params = dict(topk_tokens=100, sink_blocks=1, recent_blocks=2, per_head=False, head_reduce="sum",
                   prefill_tile=8)
     want = ref.select(case.q[0], c.aux, case.meta, **params)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base import AttentionMetadata
-from .block_summaries import quest_bound, update_block_bounds, update_block_summaries  # noqa: F401 (kept names)
+from .block_summaries import quest_bound
 from .dense import attention_with_lse, causal_attention, gather_kv
 
 

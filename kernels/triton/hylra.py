@@ -1,6 +1,7 @@
-"""Triton kernels for HyLRA: block-summary update, block scoring (+ torch.topk), attention over selected blocks.
+"""Triton kernels for HyLRA: block scoring (+ torch.topk) and attention over selected blocks (the block-summary
+update is block_summaries.py's, shared with superlinear).
 
-Same semantics and signatures as kernels/reference/hylra.py (update_block_bounds, select, attend). The decode
+Same semantics and signatures as kernels/reference/hylra.py (select, attend). The decode
 path never waits for the device: tile descriptors come from the metadata's device tensors, the number of
 selected blocks per tile and the top-k width from host-side lengths, and the top-k runs on the device.
 """
@@ -13,7 +14,7 @@ import triton.language as tl
 
 from ..base import AttentionMetadata
 from ..reference.hylra import HyLRASelection, make_tiles, tile_selected_count
-from .block_summaries import quest_bound, update_block_bounds, update_block_summaries  # noqa: F401 (kept names)
+from .block_summaries import quest_bound
 from .common import check_same_device, next_power_of_2
 
 
