@@ -10,7 +10,7 @@ Per layer the plan says: full = dense; compute = cluster, route and attend (the 
 state.selections[layer]); reuse = attend to the positions layer `source` routed to in this forward pass.
 
 Parameters (plan.params):
-  segment_tokens        4096   keys per k-means segment
+  segment_tokens        1024   keys per k-means segment (a sequence attends densely until its first one completes)
   tokens_per_cluster    64     segment_tokens // tokens_per_cluster clusters per segment ...
   clusters_per_segment  None   ... unless this is given
   kmeans_iters          4      Lloyd iterations when a segment completes
@@ -44,7 +44,7 @@ from .reference import dense as ref_dense
 from .reference import routing as ref
 
 DEFAULT_PARAMS: dict[str, Any] = {
-    "segment_tokens": 4096,
+    "segment_tokens": 1024,
     "tokens_per_cluster": 64,
     "clusters_per_segment": None,
     "kmeans_iters": 4,

@@ -169,6 +169,25 @@ def test_small_budget_selection_is_bounded_and_disjoint():
     assert dense.shape == q.shape
 
 
+
+def test_default_segment_makes_a_short_context_sparse():
+    """With the default segment size a 1.5K-token sequence already has a codebook: its decode token attends
+    sinks + window + about the budget, not every key (a 4096-key segment left 2K-4K prompts dense)."""
+    world = World(hkv=1, group=2, d=8, block_size=16, num_blocks=128, seed=7)
+    world.add(1, 1501)
+    plan = AttentionPlan("routing", [LayerPlan("compute")], {"budget_tokens": 128, "window": 64})
+    be = RoutingBackend(plan, impl="torch")
+    for n in (1500, 1):  # a dense prompt chunk (the default prefill), then one routed decode token
+        q, k, v, meta = world.step({1: n})
+        state = StepState()
+        be.forward(0, q, k, v, world.cache, meta, state)
+    table = be.table(1, 0)
+    assert table is not None and table.has_codebook
+    attended = state.selections[0].positions(0, 0).numel()
+    largest_cluster = int(table.size.max())
+    assert attended <= 16 + 64 + 128 + largest_cluster
+    assert attended < 1501 // 4
+
 # ---------------------------------------------------------------- online k-means
 
 def _table_world(n, hkv=2, d=8, seed=0):
@@ -356,7 +375,7 @@ def test_bad_params_raise_one_line_errors(bad, match):
 
 def test_param_defaults():
     p = validate_params({})
-    assert (p["segment_tokens"], p["clusters_per_segment"], p["kmeans_iters"], p["decay"]) == (4096, 64, 4, 0.999)
+    assert (p["segment_tokens"], p["clusters_per_segment"], p["kmeans_iters"], p["decay"]) == (1024, 16, 4, 0.999)
     assert (p["budget_tokens"], p["budget_frac"], p["sink_tokens"], p["window"]) == (2048, None, 16, 1024)
     assert validate_params({"clusters_per_segment": 10})["clusters_per_segment"] == 10
     assert validate_params({"tokens_per_cluster": 100, "segment_tokens": 1000})["clusters_per_segment"] == 10
