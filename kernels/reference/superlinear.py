@@ -539,6 +539,22 @@ def _attended_bound(sel: Selection, sw_start: torch.Tensor, positions: torch.Ten
     return int((positions.to(torch.int64) - sw_start + 1).max()) + int(spans.max())
 
 
+def attended_counts(sel: Selection, sw_start: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[Hq, M] int64: the distinct keys each query head attends in union mode (its window and its valid
+    spans, overlaps counted once), for reports of the share of keys attended."""
+    hq = sel.starts.shape[0]
+    pos = positions.to(torch.int64)
+    window = torch.stack([sw_start, pos], -1)[None, :, None].expand(hq, -1, -1, -1)  # [Hq, M, 1, 2]
+    spans = torch.stack([torch.where(sel.valid, sel.starts, 1), torch.where(sel.valid, sel.ends, 0)], -1)
+    runs = torch.cat([window, spans], 2)
+    lo, hi = runs[..., 0], runs[..., 1]
+    lo = torch.where(hi >= lo, lo, torch.full_like(lo, 1 << 62))  # empty runs sort last
+    lo, order = lo.sort(dim=-1)
+    hi = hi.gather(-1, order)
+    covered = torch.nn.functional.pad(torch.cummax(hi, dim=-1).values[..., :-1], (1, 0), value=-1)
+    return (hi - torch.maximum(lo, covered + 1) + 1).clamp_min(0).sum(-1)
+
+
 def attend_union_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                             sel: Selection, sw_start: torch.Tensor, scale: float) -> torch.Tensor:
     """Union span attention as one masked SDPA over contiguous keys k/v [Hkv, N, D] at positions 0..N-1.
