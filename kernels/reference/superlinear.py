@@ -397,11 +397,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.T
     if combine == "union":
         out, _ = _masked_attention(scores, window | in_span.any(2), v, hkv)
         return out
-    # gate: each span attends together with the window; outputs mixed by softmax over the search scores.
+    return _gate_combine(scores, window, in_span, sel, v, hkv)
+
+
+def _gate_combine(scores: torch.Tensor, window: torch.Tensor, in_span: torch.Tensor, sel: Selection, v: torch.Tensor,
+                  hkv: int) -> torch.Tensor:
+    """Gate mode: each span attends together with the window; the outputs are mixed by a softmax over the
+    search scores. scores [Hq, M, N], window [1 or Hq, M, N] and in_span [Hq, M, K, N] masks, v [Hkv, N, D]."""
     gates = torch.softmax(sel.scores, dim=-1)
     any_span = sel.valid.any(-1)
     gates = torch.where(any_span[..., None], gates, torch.zeros_like(gates))
-    out = torch.zeros(hq, m, v.shape[2], dtype=acc, device=q.device)
+    out = torch.zeros(*scores.shape[:2], v.shape[2], dtype=scores.dtype, device=scores.device)
     for j in range(sel.valid.shape[-1]):  # num_spans (small): one masked attention per span slot
         o_j, _ = _masked_attention(scores, window | in_span[:, :, j], v, hkv)
         out += gates[..., j, None] * o_j
@@ -515,6 +521,10 @@ def paged_span_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     out = torch.empty(hq, m, d, dtype=q.dtype, device=q.device)
     for s, e, sel, sw_start in spans.tiles:
         pos = positions[s:e]
+        if e - s <= _BLOCK_QUERIES:
+            out[:, s:e] = attend_blocks(q[:, s:e], k_cache, v_cache, block_table, pos, sel, sw_start, combine,
+                                        scale).to(q.dtype)
+            continue
         visible = int(pos.max()) + 1
         if not bool(sel.valid.any()) or (combine == "union" and
                                           visible <= _CONTIGUOUS_FACTOR * _attended_bound(sel, sw_start, pos)):
@@ -527,6 +537,10 @@ def paged_span_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             out[:, s:e] = attend_gathered(q[:, s:e], keys, values, pos, sel, sw_start, combine, scale).to(q.dtype)
     return out
 
+
+# Tiles of at most this many queries (decode) read each KV head's touched key blocks (attend_blocks); longer
+# tiles (sparse prefill), whose queries together touch most blocks, take one of the paths below.
+_BLOCK_QUERIES = _DECODE_QUERIES
 
 # The contiguous union path is taken while the visible keys are at most this many times the attended ones
 # (a gathered key costs several times a key of a dense masked product on the CPU).
@@ -580,13 +594,59 @@ def attend_union_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     hkv = k.shape[0]
     rows = (hq // hkv) * m
     qf = q.to(acc).reshape(hkv, rows, -1)
-    if m <= _DECODE_QUERIES:
-        # Decode: scores by one bmm (SDPA's CPU math path would first scale a strided copy of every key).
-        scores = torch.bmm(qf, k.to(acc).transpose(1, 2)).reshape(hq, m, n) * scale
-        return _masked_attention(scores, mask, v, hkv)[0]
     out = torch.nn.functional.scaled_dot_product_attention(
         qf, k.to(acc), v.to(acc), attn_mask=None if mask is None else mask.reshape(hkv, rows, n), scale=scale)
     return out.reshape(hq, m, -1)
+
+
+def attend_blocks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                  positions: torch.Tensor, sel: Selection, sw_start: torch.Tensor, combine: str, scale: float
+                  ) -> torch.Tensor:
+    """Span attention of a few queries (decode) over the paged cache, reading each KV head's key blocks once:
+    the blocks that its query heads' windows, sinks and selected spans touch (a window is one run of blocks,
+    shared by the group). One bmm scores the group's queries against them, then each query head keeps its own
+    ranges: a range of key positions is one run of the gathered keys, which are in position order.
+    q [Hq, M, D] at positions [M]; returns [Hq, M, D] in the accumulation dtype."""
+    hq, m, d = q.shape
+    hkv, bs = k_cache.shape[1], k_cache.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    pos = positions.to(torch.int64)
+    nb = int(pos.max()) // bs + 1  # blocks holding visible keys
+    # Every key range [lo, hi] of every (query head, query): its window, then its spans (hi < lo: empty).
+    lo = torch.cat([sw_start.expand(hq, m)[..., None], sel.starts], -1)  # [Hq, M, 1 + K]
+    hi = torch.cat([pos.expand(hq, m)[..., None], torch.where(sel.valid, sel.ends, -1)], -1)
+    used = hi >= lo
+    # The blocks each KV head needs: a difference array over blocks (+1 at a range's first, -1 after its last).
+    first = torch.where(used, lo // bs, nb).view(hkv, -1)
+    after = torch.where(used, hi // bs + 1, nb).view(hkv, -1)
+    ones = torch.ones_like(first, dtype=torch.int32)
+    marks = torch.zeros(hkv, nb + 1, dtype=torch.int32, device=q.device)
+    needed = marks.scatter_add_(1, first, ones).scatter_add_(1, after, -ones).cumsum(1)[:, :nb] > 0
+    width = int(needed.sum(1).max())
+    if width == nb:  # a KV head needs every block: each head reads them all (its ranges mask the rest)
+        order = torch.arange(nb, device=q.device).expand(hkv, nb)
+    else:  # needed blocks first in position order; a KV head that needs fewer is padded with blocks whose
+        # positions are moved past every query (nb added), so no range covers them
+        order = (torch.arange(nb, device=q.device) + torch.where(needed, 0, nb)).sort(1).values[:, :width]
+    key_pos = (order[..., None] * bs + torch.arange(bs, device=q.device)).view(hkv, -1)  # [Hkv, L], ascending
+    phys = block_table[order % nb].long()
+    heads = torch.arange(hkv, device=q.device)[:, None]
+    keys = k_cache[phys, heads].view(hkv, -1, d).to(acc)  # [Hkv, L, D]
+    values = v_cache[phys, heads].view(hkv, -1, d).to(acc)
+    n = keys.shape[1]
+    scores = torch.bmm(q.to(acc).reshape(hkv, -1, d), keys.transpose(1, 2)).view(hq, m, n) * scale
+    run_lo = torch.searchsorted(key_pos, lo.view(hkv, -1)).view(hq, m, -1)  # [Hq, M, 1 + K], runs [lo, hi)
+    run_hi = torch.searchsorted(key_pos, hi.view(hkv, -1), right=True).view(hq, m, -1)
+    if combine == "union":  # the union of the runs, each key once: a difference array over the gathered keys
+        nonempty = run_hi > run_lo
+        ones = torch.ones_like(run_lo, dtype=torch.int32)
+        marks = torch.zeros(hq, m, n + 1, dtype=torch.int32, device=q.device)
+        marks.scatter_add_(2, torch.where(nonempty, run_lo, n), ones).scatter_add_(2, torch.where(nonempty, run_hi, n),
+                                                                                   -ones)
+        return _masked_attention(scores, marks.cumsum(2)[..., :n] > 0, values, hkv)[0]
+    idx = torch.arange(n, device=q.device)
+    in_run = (idx >= run_lo[..., None]) & (idx < run_hi[..., None])  # [Hq, M, 1 + K, L]
+    return _gate_combine(scores, in_run[:, :, 0], in_run[:, :, 1:], sel, values, hkv)
 
 
 def paged_span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
