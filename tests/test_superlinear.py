@@ -485,10 +485,12 @@ PAGED_PARAMS = dict(sw_index=3, num_spans=3, backward_factor=2.0, forward_factor
 @pytest.mark.parametrize("search,combine,score,sinks", [
     ("summary", "union", "mean", 5), ("summary", "union", "bound", 0), ("summary", "gate", "mean", 0),
     ("summary", "gate", "bound", 0), ("anchor", "gate", "bound", 0), ("anchor", "union", "bound", 20)])
-@pytest.mark.parametrize("path", ["gathered", "contiguous"])
+@pytest.mark.parametrize("path", ["gathered", "contiguous", "blocks"])
 def test_paged_backend_equals_functional(search, combine, score, sinks, path, monkeypatch):
-    """path: the CPU path reads the attended keys one by one ("gathered"), or runs one masked attention over
-    the contiguous keys ("contiguous": union, and tiles without any stripe)."""
+    """path, for every tile of queries: the CPU path reads the attended keys one by one ("gathered"), runs one
+    masked attention over the contiguous keys ("contiguous": union, and tiles without any stripe), or reads
+    each KV head's touched key blocks ("blocks", what decode tiles take)."""
+    monkeypatch.setattr(ref, "_BLOCK_QUERIES", 10 ** 9 if path == "blocks" else 0)
     monkeypatch.setattr(ref, "_CONTIGUOUS_FACTOR", 0 if path == "gathered" else 10 ** 9)
     sc = PagedScenario([150, 97, 61, 203], seed=3)
     params = dict(PAGED_PARAMS, search=search, combine=combine, score=score, sink_tokens=sinks)
@@ -503,6 +505,79 @@ def test_paged_backend_equals_functional(search, combine, score, sinks, path, mo
             blocks = torch.tensor(sc.tables[i])
             for name, table in zip(ref.summary_table_names(backend.params), want):
                 torch.testing.assert_close(cache.aux[name][blocks].transpose(0, 1), table, rtol=1e-12, atol=1e-12)
+
+
+def _random_selection(gen, hq, m, positions, num_spans, sinks):
+    """A hand-made selection for queries at `positions`: random spans that overlap each other, reach key 0 or
+    the query, are empty (start > end) or invalid; window starts anywhere from 0 (the sequence start) to the
+    query; with sinks, a last span [0, min(sinks, window start)) as with_sinks adds it."""
+    pos = positions.to(torch.int64)
+    sw_start = (torch.rand(m, generator=gen) * (pos + 1).double()).long()
+    sw_start[0] = 0
+    a = (torch.rand(hq, m, num_spans, generator=gen) * (pos[:, None] + 1).double()).long()
+    b = (torch.rand(hq, m, num_spans, generator=gen) * (pos[:, None] + 1).double()).long()
+    starts, ends = torch.minimum(a, b), torch.maximum(a, b)
+    starts[..., 0] = ends[..., 0] + 1  # an empty span
+    if num_spans > 2:
+        starts[..., 2], ends[..., 2] = starts[..., 1], ends[..., 1] + 3  # overlaps span 1
+    ends = torch.minimum(ends, pos[:, None])
+    valid = torch.rand(hq, m, num_spans, generator=gen) < 0.8
+    scores = torch.where(valid, torch.randn(hq, m, num_spans, generator=gen), float("-inf"))
+    sel = ref.Selection(stripes=torch.zeros_like(starts), scores=scores, valid=valid, starts=starts, ends=ends)
+    return ref.with_sinks(sel, sw_start, sinks) if sinks else sel, sw_start
+
+
+@pytest.mark.parametrize("hkv,group,bs,d,combine,sinks,dtype", [
+    (3, 3, 16, 64, "union", 16, torch.float32), (1, 1, 5, 7, "union", 0, torch.float64),
+    (2, 3, 7, 9, "union", 6, torch.float64), (3, 1, 4, 5, "gate", 0, torch.float64),
+    (1, 3, 3, 8, "gate", 0, torch.float32)])
+def test_attend_blocks_equals_attend(hkv, group, bs, d, combine, sinks, dtype):
+    """The decode path over key blocks (attend_blocks) against the oracle's masked attention over every key,
+    on a paged cache with a shuffled block table and hand-made selections: odd block sizes and head dims, GQA
+    1 and 3, overlapping and empty spans, sinks, windows from the sequence start, 1-4 queries."""
+    gen = torch.Generator().manual_seed(hkv * 100 + group * 10 + bs)
+    hq = hkv * group
+    for n, m in [(1, 1), (bs, 1), (bs + 1, 2), (13 * bs + 3, 4), (97, 3)]:
+        nb = -(-n // bs)
+        cache_blocks = nb + 4
+        k_cache = torch.randn(cache_blocks, hkv, bs, d, generator=gen).to(dtype)
+        v_cache = torch.randn(cache_blocks, hkv, bs, d, generator=gen).to(dtype)
+        table = torch.randperm(cache_blocks, generator=gen)[:nb].to(torch.int32)
+        positions = torch.sort(torch.randperm(n, generator=gen)[:m]).values
+        positions[-1] = n - 1
+        q = torch.randn(hq, m, d, generator=gen).to(dtype)
+        sel, sw_start = _random_selection(gen, hq, m, positions, 3, sinks)
+        k = dense_ref.gather_kv(k_cache, table, n)
+        v = dense_ref.gather_kv(v_cache, table, n)
+        want = ref.attend(q, k, v, positions, sel, sw_start, combine, d ** -0.5)
+        got = ref.attend_blocks(q, k_cache, v_cache, table, positions, sel, sw_start, combine, d ** -0.5)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_attend_blocks_reads_only_the_touched_blocks():
+    """Blocks no range of a KV head's group touches are never read: poisoning them leaves the output finite
+    and unchanged."""
+    gen = torch.Generator().manual_seed(7)
+    hkv, group, bs, d, n = 2, 3, 4, 8, 200
+    nb = n // bs
+    k_cache = torch.randn(nb, hkv, bs, d, generator=gen, dtype=torch.float64)
+    v_cache = torch.randn(nb, hkv, bs, d, generator=gen, dtype=torch.float64)
+    table = torch.randperm(nb, generator=gen).to(torch.int32)
+    positions = torch.tensor([n - 1])
+    sw_start = torch.tensor([n - 10])
+    starts = torch.tensor([[20, 100], [22, 60], [21, 61]] * hkv).view(hkv * group, 1, 2)
+    sel = ref.Selection(stripes=torch.zeros_like(starts), scores=torch.zeros(starts.shape, dtype=torch.float64),
+                        valid=torch.ones(starts.shape, dtype=torch.bool), starts=starts, ends=starts + 5)
+    q = torch.randn(hkv * group, 1, d, generator=gen, dtype=torch.float64)
+    want = ref.attend_blocks(q, k_cache, v_cache, table, positions, sel, sw_start, "union", 0.3)
+    touched = {(int(x) // bs) for r in starts.view(-1).tolist() for x in range(r, r + 6)}
+    touched |= set(range((n - 10) // bs, nb))
+    for blk in set(range(nb)) - touched:
+        k_cache[table[blk]] = float("nan")
+        v_cache[table[blk]] = float("nan")
+    got = ref.attend_blocks(q, k_cache, v_cache, table, positions, sel, sw_start, "union", 0.3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_paged_backend_p055_gqa_groups_of_three():

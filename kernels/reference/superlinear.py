@@ -629,10 +629,10 @@ def attend_blocks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         # positions are moved past every query (nb added), so no range covers them
         order = (torch.arange(nb, device=q.device) + torch.where(needed, 0, nb)).sort(1).values[:, :width]
     key_pos = (order[..., None] * bs + torch.arange(bs, device=q.device)).view(hkv, -1)  # [Hkv, L], ascending
-    phys = block_table[order % nb].long()
-    heads = torch.arange(hkv, device=q.device)[:, None]
-    keys = k_cache[phys, heads].view(hkv, -1, d).to(acc)  # [Hkv, L, D]
-    values = v_cache[phys, heads].view(hkv, -1, d).to(acc)
+    # (block, head) rows of the cache viewed as [blocks * Hkv, bs * D]: index_select copies each row at once
+    rows = (block_table[order % nb].long() * hkv + torch.arange(hkv, device=q.device)[:, None]).view(-1)
+    keys = k_cache.view(-1, bs * d).index_select(0, rows).view(hkv, -1, d).to(acc)  # [Hkv, L, D]
+    values = v_cache.view(-1, bs * d).index_select(0, rows).view(hkv, -1, d).to(acc)
     n = keys.shape[1]
     scores = torch.bmm(q.to(acc).reshape(hkv, -1, d), keys.transpose(1, 2)).view(hq, m, n) * scale
     run_lo = torch.searchsorted(key_pos, lo.view(hkv, -1)).view(hq, m, -1)  # [Hq, M, 1 + K], runs [lo, hi)
