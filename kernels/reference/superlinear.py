@@ -612,22 +612,14 @@ def attend_blocks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     pos = positions.to(torch.int64)
     nb = int(pos.max()) // bs + 1  # blocks holding visible keys
-    # Every key range [lo, hi] of every (query head, query): its window, then its spans (hi < lo: empty).
-    lo = torch.cat([sw_start.expand(hq, m)[..., None], sel.starts], -1)  # [Hq, M, 1 + K]
-    hi = torch.cat([pos.expand(hq, m)[..., None], torch.where(sel.valid, sel.ends, -1)], -1)
-    used = hi >= lo
-    # The blocks each KV head needs: a difference array over blocks (+1 at a range's first, -1 after its last).
-    first = torch.where(used, lo // bs, nb).view(hkv, -1)
-    after = torch.where(used, hi // bs + 1, nb).view(hkv, -1)
-    ones = torch.ones_like(first, dtype=torch.int32)
-    marks = torch.zeros(hkv, nb + 1, dtype=torch.int32, device=q.device)
-    needed = marks.scatter_add_(1, first, ones).scatter_add_(1, after, -ones).cumsum(1)[:, :nb] > 0
-    width = int(needed.sum(1).max())
-    if width == nb:  # a KV head needs every block: each head reads them all (its ranges mask the rest)
-        order = torch.arange(nb, device=q.device).expand(hkv, nb)
-    else:  # needed blocks first in position order; a KV head that needs fewer is padded with blocks whose
-        # positions are moved past every query (nb added), so no range covers them
-        order = (torch.arange(nb, device=q.device) + torch.where(needed, 0, nb)).sort(1).values[:, :width]
+    spans = bool(sel.valid.any())
+    if spans:
+        # Every key range [lo, hi] of every (query head, query): its window, then its spans (hi < lo: empty).
+        lo = torch.cat([sw_start.expand(hq, m)[..., None], sel.starts], -1)  # [Hq, M, 1 + K]
+        hi = torch.cat([pos.expand(hq, m)[..., None], torch.where(sel.valid, sel.ends, -1)], -1)
+        order = _touched_blocks(lo.view(hkv, -1), hi.view(hkv, -1), bs, nb)
+    else:  # windows only (no stripe yet, or none selected; both combines): one run of blocks for every head
+        order = torch.arange(int(sw_start.min()) // bs, nb, device=q.device).expand(hkv, -1)
     key_pos = (order[..., None] * bs + torch.arange(bs, device=q.device)).view(hkv, -1)  # [Hkv, L], ascending
     # (block, head) rows of the cache viewed as [blocks * Hkv, bs * D]: index_select copies each row at once
     rows = (block_table[order % nb].long() * hkv + torch.arange(hkv, device=q.device)[:, None]).view(-1)
@@ -635,6 +627,9 @@ def attend_blocks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     values = v_cache.view(-1, bs * d).index_select(0, rows).view(hkv, -1, d).to(acc)
     n = keys.shape[1]
     scores = torch.bmm(q.to(acc).reshape(hkv, -1, d), keys.transpose(1, 2)).view(hq, m, n) * scale
+    if not spans:
+        window = (key_pos[0] >= sw_start[:, None]) & (key_pos[0] <= pos[:, None])  # [M, L]
+        return _masked_attention(scores, window[None], values, hkv)[0]
     run_lo = torch.searchsorted(key_pos, lo.view(hkv, -1)).view(hq, m, -1)  # [Hq, M, 1 + K], runs [lo, hi)
     run_hi = torch.searchsorted(key_pos, hi.view(hkv, -1), right=True).view(hq, m, -1)
     if combine == "union":  # the union of the runs, each key once: a difference array over the gathered keys
@@ -647,6 +642,23 @@ def attend_blocks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     idx = torch.arange(n, device=q.device)
     in_run = (idx >= run_lo[..., None]) & (idx < run_hi[..., None])  # [Hq, M, 1 + K, L]
     return _gate_combine(scores, in_run[:, :, 0], in_run[:, :, 1:], sel, values, hkv)
+
+
+def _touched_blocks(lo: torch.Tensor, hi: torch.Tensor, bs: int, nb: int) -> torch.Tensor:
+    """[Hkv, width]: the blocks (of nb) that KV head h's key ranges [lo, hi] ([Hkv, R], hi < lo: empty) touch,
+    in position order. A head that needs fewer than the neediest is padded with blocks numbered from nb on
+    (their positions lie past every query, so no range covers them; the cache row read is block % nb)."""
+    hkv = lo.shape[0]
+    used = hi >= lo
+    first = torch.where(used, lo // bs, nb)
+    after = torch.where(used, hi // bs + 1, nb)
+    ones = torch.ones_like(first, dtype=torch.int32)
+    marks = torch.zeros(hkv, nb + 1, dtype=torch.int32, device=lo.device)  # +1 at a range's first block, -1 after
+    needed = marks.scatter_add_(1, first, ones).scatter_add_(1, after, -ones).cumsum(1)[:, :nb] > 0
+    width = int(needed.sum(1).max())
+    if width == nb:  # a head needs every block: each head reads them all (its ranges mask the rest)
+        return torch.arange(nb, device=lo.device).expand(hkv, nb)
+    return (torch.arange(nb, device=lo.device) + torch.where(needed, 0, nb)).sort(1).values[:, :width]
 
 
 def paged_span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
