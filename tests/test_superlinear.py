@@ -547,12 +547,15 @@ def test_attend_blocks_equals_attend(hkv, group, bs, d, combine, sinks, dtype):
         positions[-1] = n - 1
         q = torch.randn(hq, m, d, generator=gen).to(dtype)
         sel, sw_start = _random_selection(gen, hq, m, positions, 3, sinks)
+        windows_only = ref.Selection(sel.stripes, torch.full_like(sel.scores, float("-inf")),
+                                     torch.zeros_like(sel.valid), sel.starts, sel.ends)
         k = dense_ref.gather_kv(k_cache, table, n)
         v = dense_ref.gather_kv(v_cache, table, n)
-        want = ref.attend(q, k, v, positions, sel, sw_start, combine, d ** -0.5)
-        got = ref.attend_blocks(q, k_cache, v_cache, table, positions, sel, sw_start, combine, d ** -0.5)
-        tol = 1e-12 if dtype == torch.float64 else 1e-5
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        for s in (sel, windows_only):
+            want = ref.attend(q, k, v, positions, s, sw_start, combine, d ** -0.5)
+            got = ref.attend_blocks(q, k_cache, v_cache, table, positions, s, sw_start, combine, d ** -0.5)
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_attend_blocks_reads_only_the_touched_blocks():
