@@ -114,14 +114,52 @@ def add_throughput_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="PATH", help="draw decode tokens/s against context (log-log PNG)")
 
 
+def _variant(text: str) -> tuple[str, str, dict]:
+    """'LABEL=METHOD' or 'LABEL=METHOD:{json parameters}' -> (label, method, parameters)."""
+    label, sep, rest = text.partition("=")
+    method, _, raw = rest.partition(":")
+    if not sep or not label or method not in METHOD_NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=METHOD[:JSON] with METHOD one of "
+                                         f"{', '.join(METHOD_NAMES)}")
+    try:
+        params = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: parameters are not valid JSON: {e.msg}") from None
+    if not isinstance(params, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: parameters must be a JSON object")
+    return label, method, params
+
+
+def add_decode_cpu_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keys", type=_list(parse_size), default=[parse_size(s) for s in ("1K", "4K", "16K")],
+                   help="keys in the cache before each timed step, comma-separated (K = 1024; default 1K,4K,16K)")
+    p.add_argument("--batch", type=_list(_positive_int), default=[1, 4], help="sequences per step (default 1,4)")
+    p.add_argument("--attention", type=_list(_method), default=list(METHOD_NAMES),
+                   help="methods at their engine defaults, comma-separated (default: all; dense always runs)")
+    p.add_argument("--variant", type=_variant, action="append", default=[], metavar="LABEL=METHOD[:JSON]",
+                   help="one more row with its own parameters, repeatable "
+                        "(e.g. 'sl-w35x3=superlinear:{\"sw_index\": 5}')")
+    p.add_argument("--heads", type=_positive_int, default=9, help="query heads (default 9, SmolLM2-135M's)")
+    p.add_argument("--kv-heads", type=_positive_int, default=3, help="KV heads (default 3)")
+    p.add_argument("--head-dim", type=_positive_int, default=64, help="head dimension (default 64)")
+    p.add_argument("--block-size", type=_positive_int, default=16, help="KV block size (default 16, the CPU's)")
+    p.add_argument("--steps", type=_positive_int, default=21, help="timed decode steps per setting (default 21)")
+    p.add_argument("--warmup", type=_positive_int, default=2,
+                   help="untimed steps first (routing clusters the cache there; default 2)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the keys, values and queries")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the rows and the environment as JSON")
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from . import serve  # no torch, no httpx at import
 
     p = subparsers.add_parser("bench", help="benchmarks: decode/prefill throughput at long context, HTTP load",
                               description="Benchmarks. `throughput`: decode and prefill speed of every attention "
                                           "method at long context. `serve`: load test of an OpenAI-compatible "
-                                          "server.")
-    sub = p.add_subparsers(dest="bench_command", metavar="{throughput,serve}")
+                                          "server. `decode-cpu`: one attention layer's decode step per method on "
+                                          "the CPU reference paths.")
+    sub = p.add_subparsers(dest="bench_command", metavar="{throughput,serve,decode-cpu}")
     t = sub.add_parser("throughput", help="decode/prefill tokens/s at 128K-10M context per attention method",
                        description="Decode tokens/s (per batch size), the attention share of a step, prefill "
                                    "tokens/s, KV-cache bytes and peak memory at long context, for every attention "
@@ -134,6 +172,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        epilog="\n\n".join(serve.__doc__.split("\n\n")[1:]))
     serve.add_arguments(s)
     s.set_defaults(bench_func="serve")
+    d = sub.add_parser("decode-cpu", help="one attention layer's decode step per method on the CPU reference paths",
+                       description="Times one layer's backend forward for a decode step (write, search, "
+                                   "attention) per method on a paged cache of random keys, methods interleaved, "
+                                   "with the share of keys each attended. Prints a table; --json writes it.")
+    add_decode_cpu_arguments(d)
+    d.set_defaults(bench_func="decode-cpu")
     p.set_defaults(func=run, bench_parser=p)
     return p
 
@@ -147,6 +191,9 @@ def run(args) -> int:
         if which == "throughput":
             from .throughput import run as run_throughput
             return int(run_throughput(args) or 0)
+        if which == "decode-cpu":
+            from .decode_cpu import run as run_decode_cpu
+            return run_decode_cpu(args)
         from .serve import run as run_serve
         return int(run_serve(args) or 0)
     except EngineError as e:  # BenchError, or the engine's (a model that does not load, ...)

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from ..kernels.base import AttentionMetadata, LayerCache, StepState
+from ..kernels.base import AttentionMetadata, BackendError, LayerCache, StepState
 from ..kernels.plan import AttentionPlan
 from ..kernels.reference.block_summaries import summarize_full_blocks
 from ..kernels.registry import build_backend
-from .cli import METHOD_NAMES, _list, _positive_int, parse_size
+from .cli import add_decode_cpu_arguments
 from .common import BenchError, format_tokens
 
 
@@ -57,53 +57,17 @@ class Row:
     vs_dense: float | None = None  # best time / dense's best time at the same keys and batch
 
 
-def parse_variant(text: str) -> Variant:
-    """'LABEL=METHOD' or 'LABEL=METHOD:{json params}' (e.g. 'w35x3=superlinear:{"sw_index": 5}')."""
-    label, sep, rest = text.partition("=")
-    method, _, raw = rest.partition(":")
-    if not sep or not label or method not in METHOD_NAMES:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=METHOD[:JSON] with METHOD one of "
-                                         f"{', '.join(METHOD_NAMES)}")
-    try:
-        params = json.loads(raw) if raw else {}
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: parameters are not valid JSON: {e.msg}") from None
-    if not isinstance(params, dict):
-        raise argparse.ArgumentTypeError(f"{text!r}: parameters must be a JSON object")
-    return Variant(label, method, params)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m longserve.bench.decode_cpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--keys", type=_list(parse_size), default=[parse_size(s) for s in ("1K", "4K", "16K")],
-                   help="keys in the cache before each timed step, comma-separated (K = 1024; default 1K,4K,16K)")
-    p.add_argument("--batch", type=_list(_positive_int), default=[1, 4], help="sequences per step (default 1,4)")
-    p.add_argument("--methods", type=_list(str), default=list(METHOD_NAMES),
-                   help="methods at their engine defaults, comma-separated (default: all four)")
-    p.add_argument("--variant", type=parse_variant, action="append", default=[],
-                   help="one more row: LABEL=METHOD[:JSON parameters], repeatable "
-                        "(e.g. 'sl-w35x3=superlinear:{\"sw_index\": 5}')")
-    p.add_argument("--heads", type=_positive_int, default=9, help="query heads (default 9, SmolLM2-135M)")
-    p.add_argument("--kv-heads", type=_positive_int, default=3, help="KV heads (default 3)")
-    p.add_argument("--head-dim", type=_positive_int, default=64, help="head dimension (default 64)")
-    p.add_argument("--block-size", type=_positive_int, default=16, help="KV block size (default 16, the CPU's)")
-    p.add_argument("--steps", type=_positive_int, default=21, help="timed decode steps per setting (default 21)")
-    p.add_argument("--warmup", type=_positive_int, default=2,
-                   help="untimed steps first (routing clusters the cache there; default 2)")
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="PATH", help="write the rows and the environment as JSON")
+    add_decode_cpu_arguments(p)
     return p
 
 
 def variants_of(args) -> list[Variant]:
-    out = [Variant(m, m, {}) for m in args.methods]
-    unknown = [m for m in args.methods if m not in METHOD_NAMES]
-    if unknown:
-        raise BenchError(f"unknown method(s) {', '.join(unknown)} (expected some of {', '.join(METHOD_NAMES)})")
-    out += args.variant
-    if "dense" not in [v.method for v in out]:
-        out.insert(0, Variant("dense", "dense", {}))  # the reference every row is compared with
+    """dense first (every row is compared with it), the methods at their defaults, then the --variant rows."""
+    out = [Variant("dense", "dense", {})]
+    out += [Variant(m, m, {}) for m in args.attention if m != "dense"]
+    out += [Variant(*v) for v in args.variant]
     labels = [v.label for v in out]
     if len(set(labels)) != len(labels):
         raise BenchError(f"row labels must differ: {', '.join(labels)}")
@@ -197,15 +161,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        variants = variants_of(args)
-        for v in variants:
-            make_backend(v)  # bad parameters fail here, in one line, before anything is measured
-    except Exception as e:  # BackendError / BenchError: one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(args) -> int:
+    """`longserve bench decode-cpu` (parsed arguments); BenchError for bad parameters, before any timing."""
+    variants = variants_of(args)
+    for v in variants:
+        try:
+            make_backend(v)
+        except BackendError as e:
+            raise BenchError(f"{v.label}: {e}") from None
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     rows: list[Row] = []
@@ -219,18 +182,26 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(rows))
     print(f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
-          f"{args.threads} thread(s), {args.steps} timed steps per setting")
+          f"{args.threads} thread(s), fastest and median of {args.steps} timed steps per setting")
     if args.json:
         env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
                "torch": torch.__version__, "threads": args.threads, "load_average_before": load_before,
                "load_average_after": load_after,
                "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-                         "block_size": args.block_size}, "steps": args.steps, "warmup": args.warmup,
-               "argv": sys.argv[1:] if argv is None else argv}
+                         "block_size": args.block_size}, "steps": args.steps, "warmup": args.warmup}
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except BenchError as e:
+        print(f"decode_cpu: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -361,9 +361,41 @@ def test_a_failing_method_gets_error_rows_and_the_others_run(tmp_path, capsys, m
     assert "hylra: failed: ModuleNotFoundError" in captured.err and "failed: ModuleNotFoundError" in captured.out
 
 
+def test_decode_cpu_rows_and_shares(tmp_path, capsys):
+    """`longserve bench decode-cpu` at a tiny shape: a row per method and setting, dense attends every key, a
+    small superlinear window fewer (the share read from its selection), the table printed."""
+    out = tmp_path / "decode.json"
+    rc = main(["bench", "decode-cpu", "--keys", "200", "--batch", "1,3", "--steps", "2", "--warmup", "1",
+               "--heads", "4", "--kv-heads", "2", "--head-dim", "8", "--attention", "dense,hylra,routing",
+               "--variant", 'sl=superlinear:{"sw_index": 3, "num_spans": 1}', "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["label"]) for r in rows] == [(b, m) for b in (1, 3) for m in ("dense", "hylra", "routing",
+                                                                                        "sl")]
+    for r in rows:
+        assert r["keys"] == 200 and 0 < r["best_ms"] <= r["median_ms"]
+        if r["label"] == "dense":
+            assert r["attended_share"] == 1.0 and r["vs_dense"] == 1.0
+    sl = [r for r in rows if r["label"] == "sl"]
+    # window 15 + 16 sinks + one span of at most ceil(2 sqrt(t)) + ceil(sqrt(t)) + 1 keys, of about 201
+    assert all(0.15 < r["attended_share"] < 0.5 for r in sl)
+    assert "| 200 | 3 | sl |" in capsys.readouterr().out
+
+
+def test_decode_cpu_bad_variant_is_one_line(capsys):
+    assert main(["bench", "decode-cpu", "--keys", "64", "--steps", "1", "--variant",
+                 'x=superlinear:{"num_spans": 0}']) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "num_spans" in err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "decode-cpu", "--variant", "nothing"])
+    assert e.value.code == 2
+
+
 def test_bench_imports_no_server_packages():
     """bench runs on a GPU image that has only torch/triton/numpy/safetensors/tokenizers/transformers."""
     code = ("import sys, longserve.bench.cli, longserve.bench.throughput, longserve.bench.serve, "
+            "longserve.bench.decode_cpu, "
             "longserve.bench.presets, longserve.bench.plotting; "
             "bad = sorted(m for m in ('fastapi', 'uvicorn', 'pydantic', 'httpx', 'matplotlib') if m in sys.modules); "
             "print(bad); sys.exit(1 if bad else 0)")
