@@ -558,6 +558,20 @@ def test_attend_blocks_equals_attend(hkv, group, bs, d, combine, sinks, dtype):
             torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+def test_attended_counts_are_the_union_of_window_and_spans():
+    gen = torch.Generator().manual_seed(11)
+    positions = torch.tensor([5, 40, 99])
+    sel, sw_start = _random_selection(gen, 4, 3, positions, 4, sinks=3)
+    counts = ref.attended_counts(sel, sw_start, positions)
+    for h in range(4):
+        for i, p in enumerate(positions.tolist()):
+            keys = set(range(int(sw_start[i]), p + 1))
+            for j in range(sel.valid.shape[-1]):
+                if sel.valid[h, i, j]:
+                    keys |= set(range(int(sel.starts[h, i, j]), int(sel.ends[h, i, j]) + 1))
+            assert int(counts[h, i]) == len(keys)
+
+
 def test_attend_blocks_reads_only_the_touched_blocks():
     """Blocks no range of a KV head's group touches are never read: poisoning them leaves the output finite
     and unchanged."""
