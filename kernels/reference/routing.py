@@ -433,8 +433,10 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
         valid = pos >= 0
         safe = pos.clamp_min(0)
         blocks = block_tables[tile.seq][torch.div(safe, bs, rounding_mode="floor")].long()
-        k = k_cache[blocks, heads[:, None], safe % bs]  # [H, N, D]
-        v = v_cache[blocks, heads[:, None], safe % bs]
+        # rows of the cache viewed as [blocks * Hkv * bs, D] (index_select copies each row at once)
+        rows = ((blocks * hkv + heads[:, None]) * bs + safe % bs).view(-1)
+        k = k_cache.view(-1, d).index_select(0, rows).view(hkv, -1, d)  # [H, N, D]
+        v = v_cache.view(-1, d).index_select(0, rows).view(hkv, -1, d)
         qpos = torch.arange(tile.first_pos, tile.last_pos + 1, device=dev)
         mask = valid[:, None, :] & (pos[:, None, :] <= qpos[None, :, None])  # [H, M, N]
         qt = q[tile.q_start:tile.q_start + tile.q_len]
