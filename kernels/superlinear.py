@@ -90,7 +90,7 @@ def gather_block_bounds(cache: LayerCache, block_table: torch.Tensor, context_le
     """One sequence's summary tables, each [Hkv, nb, D]: (kmin, kmax) or (kmean,)."""
     nb = (context_len + cache.block_size - 1) // cache.block_size
     ids = block_table[:nb].long()
-    return tuple(cache.aux[n][ids].transpose(0, 1) for n in ref.summary_table_names(params))
+    return tuple(cache.aux[n].index_select(0, ids).transpose(0, 1) for n in ref.summary_table_names(params))
 
 
 class SuperlinearBackend:
