@@ -96,6 +96,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=_positive_int, default=None, help="tokens per KV block (engine default)")
     p.add_argument("--kv-cache-memory-gb", type=float, default=None, help="CPU KV-cache budget (engine default)")
     p.add_argument("--json", default=None, metavar="PATH", help="write every sample and figure as JSON here")
+    p.add_argument("--reference", default=None, metavar="JSON",
+                   help="take dense's answers from an earlier --json of the same prompts (model, lengths, depths, "
+                        "samples, seed, tasks, haystack) instead of running dense again; needs --no-fidelity")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="accuracy against length and depth per method (PNG; needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -320,9 +320,38 @@ def make_samples(builder: TaskBuilder, args) -> list[Sample]:
     return samples
 
 
+# Settings that decide the generated prompts: a --reference run must share them.
+PROMPT_SETTINGS = ("model", "lengths", "depths", "samples", "seed", "tasks", "haystack")
+
+
+def load_reference(args) -> list[dict[str, Any]]:
+    """Dense's sample records from an earlier `--json` whose prompts are the ones this run generates."""
+    if args.fidelity:
+        raise EvalError("--reference gives dense's task answers only: add --no-fidelity (fidelity runs dense in "
+                        "lockstep)")
+    try:
+        with open(args.reference) as f:
+            earlier = json.load(f)
+        settings, samples = earlier["settings"], earlier["samples"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EvalError(f"--reference {args.reference}: not a longserve eval --json file ({e})") from None
+    differ = [k for k in PROMPT_SETTINGS if settings.get(k) != getattr(args, k)]
+    if differ:
+        raise EvalError(f"--reference {args.reference} was run with other {', '.join(differ)}: its prompts differ")
+    dense = [r for r in samples if r.get("method") == "dense"]
+    if not dense:
+        raise EvalError(f"--reference {args.reference} has no dense answers")
+    return dense
+
+
 def run_eval(args) -> dict[str, Any]:
     progress = not args.no_progress
     runs = method_runs(args)
+    reference = load_reference(args) if getattr(args, "reference", None) else None
+    if reference is not None:
+        runs = runs[1:]  # dense's answers come from the earlier run
+        if not runs or not args.tasks:
+            raise EvalError("--reference needs tasks and at least one sparse method to run")
     t0 = time.time()
     probes: dict[str, SelectionProbe] = {}
     result: dict[str, Any] = {"settings": settings_of(args, runs), "methods": [], "samples": [], "fidelity": []}
@@ -330,6 +359,10 @@ def run_eval(args) -> dict[str, Any]:
     samples: list[Sample] | None = None
     text_ids: list[int] = []
     dense_llm = None
+    if reference is not None:
+        result["methods"].append({"method": "dense", "label": "dense"})
+        result["samples"] += reference
+        result["reference"] = args.reference
     for method, params, policy in runs:
         llm, probe, label = build_engine(args, method, params, max(args.lengths + fidelity_lengths) + 1, policy)
         if label in probes:
@@ -339,6 +372,11 @@ def run_eval(args) -> dict[str, Any]:
             if fidelity_lengths:
                 text_ids = fidelity_tokens(llm.tokenizer, args.fidelity_text, max(fidelity_lengths))
             dense_llm = llm  # kept for fidelity: its model serves every method's backend
+            if reference is not None:
+                missing = {sample_key(vars(s)) for s in samples} - \
+                    {sample_key(r) for r in reference}
+                if missing:
+                    raise EvalError(f"--reference {args.reference} lacks {len(missing)} of this run's prompts")
         probes[label] = probe
         result["methods"].append({"method": method, "label": label})
         if samples:

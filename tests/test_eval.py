@@ -201,6 +201,33 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tiny, tmp_path, capsys):
     assert fid["attended"] < 1.0 and fid["decoded"] == 64 and fid["attended_decode"] < 1.0
 
 
+def test_reference_reuses_dense_answers_of_an_earlier_run(tiny, tmp_path, monkeypatch, capsys):
+    from longserve.evals import run as eval_run
+
+    common = ["--model", str(tiny), "--lengths", "512", "--depths", "0.5", "--tasks", "passkey", "--samples", "2",
+              "--no-fidelity", "--chunk", "256", "--no-progress"]
+    first = tmp_path / "first.json"
+    assert eval_run.run(_eval_args(*common, "--attention", "dense", "--json", str(first))) == 0
+    built = []
+    real_build = eval_run.build_engine
+    monkeypatch.setattr(eval_run, "build_engine", lambda args, method, *a, **k: built.append(method) or
+                        real_build(args, method, *a, **k))
+    second = tmp_path / "second.json"
+    assert eval_run.run(_eval_args(*common, "--attention", "hylra", "--attention-config",
+                                   '{"hylra": {"topk_tokens": 64}}', "--reference", str(first),
+                                   "--json", str(second))) == 0
+    assert built == ["hylra"]  # dense did not run again
+    earlier, result = json.loads(first.read_text()), json.loads(second.read_text())
+    assert [m["label"] for m in result["methods"]] == ["dense", "hylra [topk_tokens=64]"]
+    assert [r for r in result["samples"] if r["method"] == "dense"] == earlier["samples"]
+    assert len([r for r in result["samples"] if r["method"] != "dense"]) == 2
+    assert "dense" in capsys.readouterr().out
+    for extra, needle in ((["--seed", "1"], "other seed"), ([], "--no-fidelity")):
+        argv = [a for a in common if a != "--no-fidelity" or extra] + extra
+        with pytest.raises(eval_run.EvalError, match=needle):
+            eval_run.run(_eval_args(*argv, "--attention", "hylra", "--reference", str(first)))
+
+
 def _fidelity_against_dense(tiny, hylra_params: dict, tokens: int, seed: int, **kwargs) -> dict:
     """run_fidelity of dense and one HyLRA variant on the tiny model over random token ids."""
     from longserve.evals.run import build_engine, run_fidelity
