@@ -534,14 +534,20 @@ def _random_selection(gen, hq, m, positions, num_spans, sinks):
 def test_attend_blocks_equals_attend(hkv, group, bs, d, combine, sinks, dtype):
     """The decode path over key blocks (attend_blocks) against the oracle's masked attention over every key,
     on a paged cache with a shuffled block table and hand-made selections: odd block sizes and head dims, GQA
-    1 and 3, overlapping and empty spans, sinks, windows from the sequence start, 1-4 queries."""
+    1 and 3, overlapping and empty spans, sinks, windows from the sequence start, 1-4 queries; K and V as
+    the engine's contiguous caches and as strided views of one tensor (vLLM's layout)."""
     gen = torch.Generator().manual_seed(hkv * 100 + group * 10 + bs)
     hq = hkv * group
-    for n, m in [(1, 1), (bs, 1), (bs + 1, 2), (13 * bs + 3, 4), (97, 3)]:
+    for (n, m), strided in zip([(1, 1), (bs, 1), (bs + 1, 2), (13 * bs + 3, 4), (97, 3)], [False, True] * 3):
         nb = -(-n // bs)
         cache_blocks = nb + 4
-        k_cache = torch.randn(cache_blocks, hkv, bs, d, generator=gen).to(dtype)
-        v_cache = torch.randn(cache_blocks, hkv, bs, d, generator=gen).to(dtype)
+        if strided:  # [blocks, Hkv, bs, 2 D] split into K and V
+            kv = torch.randn(cache_blocks, hkv, bs, 2 * d, generator=gen).to(dtype)
+            pages = kv.view(cache_blocks, hkv, 2 * bs, d)
+            k_cache, v_cache = pages[:, :, :bs], pages[:, :, bs:]
+        else:
+            k_cache = torch.randn(cache_blocks, hkv, bs, d, generator=gen).to(dtype)
+            v_cache = torch.randn(cache_blocks, hkv, bs, d, generator=gen).to(dtype)
         table = torch.randperm(cache_blocks, generator=gen)[:nb].to(torch.int32)
         positions = torch.sort(torch.randperm(n, generator=gen)[:m]).values
         positions[-1] = n - 1

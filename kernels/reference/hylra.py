@@ -155,10 +155,11 @@ def attend_tile(q_tile: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     valid_block = blocks >= 0
     logical = blocks.clamp_min(0)
     kv_head = torch.arange(num_sel, device=blocks.device) // (num_sel // hkv)  # selection head -> its KV head
-    # (block, KV head) rows of the cache viewed as [blocks * Hkv, bs * D]: index_select copies each row at once
+    # (block, KV head) slabs of the cache seen as [blocks * Hkv, bs, D] (a view also of vLLM's strided K and V):
+    # index_select copies each slab at once
     rows = (block_table[logical].long() * hkv + kv_head[:, None]).reshape(-1)
-    k = k_cache.view(-1, bs * d).index_select(0, rows).view(num_sel, -1, d)  # [num_sel, n * bs, D]
-    v = v_cache.view(-1, bs * d).index_select(0, rows).view(num_sel, -1, d)
+    k = k_cache.flatten(0, 1).index_select(0, rows).view(num_sel, -1, d)  # [num_sel, n * bs, D]
+    v = v_cache.flatten(0, 1).index_select(0, rows).view(num_sel, -1, d)
     key_pos = (logical[:, :, None] * bs + torch.arange(bs, device=blocks.device)).reshape(num_sel, -1)
     key_ok = (valid_block[:, :, None].expand(-1, -1, bs).reshape(num_sel, -1)) & (key_pos < context_len)
     mask = key_ok[:, None, :] & (key_pos[:, None, :] <= q_positions[None, :, None])  # [num_sel, M, N]

@@ -413,6 +413,17 @@ def group_query_sums(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- attention over the selection
 
+def _key_rows(cache: torch.Tensor, blocks: torch.Tensor, heads: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """cache[blocks, heads, offsets] (indices broadcast; [..., D]) of a [num_blocks, Hkv, bs, D] cache: one
+    index_select of rows when the cache is contiguous (the engine's; several times faster than advanced
+    indexing on the CPU), advanced indexing otherwise (vLLM's K and V are strided views of one tensor)."""
+    if not cache.is_contiguous():
+        return cache[blocks, heads, offsets]
+    _, hkv, bs, d = cache.shape
+    rows = ((blocks * hkv + heads) * bs + offsets).view(-1)
+    return cache.view(-1, d).index_select(0, rows).view(*torch.broadcast_shapes(blocks.shape, heads.shape), d)
+
+
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
            selection: RoutingSelection, scale: float | None = None, return_lse: bool = False):
     """Causal attention of every step token over its tile's selection. q [T, Hq, D] -> [T, Hq, D] (q's dtype);
@@ -433,10 +444,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
         valid = pos >= 0
         safe = pos.clamp_min(0)
         blocks = block_tables[tile.seq][torch.div(safe, bs, rounding_mode="floor")].long()
-        # rows of the cache viewed as [blocks * Hkv * bs, D] (index_select copies each row at once)
-        rows = ((blocks * hkv + heads[:, None]) * bs + safe % bs).view(-1)
-        k = k_cache.view(-1, d).index_select(0, rows).view(hkv, -1, d)  # [H, N, D]
-        v = v_cache.view(-1, d).index_select(0, rows).view(hkv, -1, d)
+        k = _key_rows(k_cache, blocks, heads[:, None], safe % bs)  # [H, N, D]
+        v = _key_rows(v_cache, blocks, heads[:, None], safe % bs)
         qpos = torch.arange(tile.first_pos, tile.last_pos + 1, device=dev)
         mask = valid[:, None, :] & (pos[:, None, :] <= qpos[None, :, None])  # [H, M, N]
         qt = q[tile.q_start:tile.q_start + tile.q_len]

@@ -621,10 +621,11 @@ def attend_blocks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     else:  # windows only (no stripe yet, or none selected; both combines): one run of blocks for every head
         order = torch.arange(int(sw_start.min()) // bs, nb, device=q.device).expand(hkv, -1)
     key_pos = (order[..., None] * bs + torch.arange(bs, device=q.device)).view(hkv, -1)  # [Hkv, L], ascending
-    # (block, head) rows of the cache viewed as [blocks * Hkv, bs * D]: index_select copies each row at once
+    # (block, head) slabs of the cache seen as [blocks * Hkv, bs, D] (a view also of vLLM's strided K and V):
+    # index_select copies each slab at once
     rows = (block_table[order % nb].long() * hkv + torch.arange(hkv, device=q.device)[:, None]).view(-1)
-    keys = k_cache.view(-1, bs * d).index_select(0, rows).view(hkv, -1, d).to(acc)  # [Hkv, L, D]
-    values = v_cache.view(-1, bs * d).index_select(0, rows).view(hkv, -1, d).to(acc)
+    keys = k_cache.flatten(0, 1).index_select(0, rows).view(hkv, -1, d).to(acc)  # [Hkv, L, D]
+    values = v_cache.flatten(0, 1).index_select(0, rows).view(hkv, -1, d).to(acc)
     n = keys.shape[1]
     scores = torch.bmm(q.to(acc).reshape(hkv, -1, d), keys.transpose(1, 2)).view(hq, m, n) * scale
     if not spans:
