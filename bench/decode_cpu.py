@@ -1,4 +1,4 @@
-"""One attention layer's decode step on the CPU reference paths, per method: `python -m longserve.bench.decode_cpu`.
+"""One attention layer's decode step on the CPU reference paths, per method: `longserve bench decode-cpu`.
 
 Times `backend.forward` of one layer for a decode step (one new token per sequence: the K/V write, the
 method's search and its attention) for dense, superlinear, hylra and routing at given key counts and batch
@@ -9,18 +9,17 @@ each time: the share of the visible keys the method attended in that step (keys 
 visible, over heads and sequences). Reported: the fastest and the median of the timed steps.
 
 Runs on torch alone (no triton, no server packages). One thread by default (`--threads`); the load average
-is recorded before and after, since a shared machine's load changes the figures.
+is recorded before and after, since a shared machine's load changes the figures. The options live in
+cli.py (free of torch); server/cli.py dispatches here.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,7 +30,6 @@ from ..kernels.base import AttentionMetadata, BackendError, LayerCache, StepStat
 from ..kernels.plan import AttentionPlan
 from ..kernels.reference.block_summaries import summarize_full_blocks
 from ..kernels.registry import build_backend
-from .cli import add_decode_cpu_arguments
 from .common import BenchError, format_tokens
 
 
@@ -55,12 +53,6 @@ class Row:
     median_ms: float
     attended_share: float
     vs_dense: float | None = None  # best time / dense's best time at the same keys and batch
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m longserve.bench.decode_cpu", description=__doc__.split("\n\n")[0])
-    add_decode_cpu_arguments(p)
-    return p
 
 
 def variants_of(args) -> list[Variant]:
@@ -193,16 +185,3 @@ def run(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except BenchError as e:
-        print(f"decode_cpu: error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
