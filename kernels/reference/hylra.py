@@ -147,21 +147,38 @@ def attend_tile(q_tile: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                 blocks: torch.Tensor, q_positions: torch.Tensor, context_len: int,
                 scale: float | None = None) -> torch.Tensor:
     """Causal attention of q_tile [M, Hq, D] over the selected logical blocks [num_sel_heads, n] (-1: none).
-    Returns [M, Hq, D] in q's dtype."""
+    Each selection head reads its own blocks, except that per-query-head selections of a GQA group whose
+    union is at most 1.5x one head's selection (budgets near the context: they overlap) are read once per KV
+    head, each query head masking the blocks it did not select. Returns [M, Hq, D] in q's dtype."""
     m, hq, d = q_tile.shape
     hkv, bs = k_cache.shape[1], k_cache.shape[2]
     scale = d ** -0.5 if scale is None else scale
     num_sel = blocks.shape[0]
+    dev = blocks.device
     valid_block = blocks >= 0
     logical = blocks.clamp_min(0)
-    kv_head = torch.arange(num_sel, device=blocks.device) // (num_sel // hkv)  # selection head -> its KV head
+    kv_head = torch.arange(num_sel, device=dev) // (num_sel // hkv)  # selection head -> its KV head
+    readers, cache_head, key_ok = num_sel, kv_head, valid_block  # who reads which blocks, and which keys count
+    if num_sel > hkv:
+        nb = (context_len + bs - 1) // bs
+        picked = torch.zeros(num_sel, nb + 1, dtype=torch.bool, device=dev)  # column nb: the -1 padding
+        picked[torch.arange(num_sel, device=dev)[:, None], torch.where(valid_block, blocks, nb)] = True
+        union = torch.zeros(hkv, nb, dtype=torch.int32, device=dev).index_add_(0, kv_head, picked[:, :nb].int()) > 0
+        width = int(union.sum(1).max())
+        if 2 * width <= 3 * int(valid_block.sum(1).max()):
+            # each KV head's union in position order, padded with blocks numbered nb.. (past the context: masked)
+            order = torch.arange(nb, device=dev).expand(hkv, nb) if width == nb else \
+                (torch.arange(nb, device=dev) + torch.where(union, 0, nb)).sort(1).values[:, :width]
+            logical, readers, cache_head = order % nb, hkv, torch.arange(hkv, device=dev)
+            key_ok = picked.gather(1, logical[kv_head]) & (order[kv_head] < nb)  # [num_sel, n]: its own blocks
     # (block, KV head) slabs of the cache seen as [blocks * Hkv, bs, D] (a view also of vLLM's strided K and V):
     # index_select copies each slab at once
-    rows = (block_table[logical].long() * hkv + kv_head[:, None]).reshape(-1)
-    k = k_cache.flatten(0, 1).index_select(0, rows).view(num_sel, -1, d)  # [num_sel, n * bs, D]
-    v = v_cache.flatten(0, 1).index_select(0, rows).view(num_sel, -1, d)
-    key_pos = (logical[:, :, None] * bs + torch.arange(bs, device=blocks.device)).reshape(num_sel, -1)
-    key_ok = (valid_block[:, :, None].expand(-1, -1, bs).reshape(num_sel, -1)) & (key_pos < context_len)
+    rows = (block_table[logical].long() * hkv + cache_head[:, None]).reshape(-1)
+    k = k_cache.flatten(0, 1).index_select(0, rows).view(readers, -1, d)  # [readers, n * bs, D]
+    v = v_cache.flatten(0, 1).index_select(0, rows).view(readers, -1, d)
+    key_pos = (logical[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(readers, -1)
+    key_pos = key_pos if readers == num_sel else key_pos[kv_head]  # [num_sel, N]
+    key_ok = key_ok[:, :, None].expand(-1, -1, bs).reshape(num_sel, -1) & (key_pos < context_len)
     mask = key_ok[:, None, :] & (key_pos[:, None, :] <= q_positions[None, :, None])  # [num_sel, M, N]
     mask = mask.repeat_interleave(hq // num_sel, dim=0)  # [Hq, M, N]
     out, _ = attention_with_lse(q_tile.transpose(0, 1), k, v, mask, scale)
