@@ -491,3 +491,34 @@ def test_engine_hylra_sparse_budget_with_reuse_runs(tiny_ckpt, tmp_path):
     assert len(seen) == 4 + 5
     last = seen[-1]
     assert last.blocks.shape[-1] == 3 and len(last.tiles) == 1  # decode: one tile, 3 of 13 blocks
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_attend_tile_reads_per_head_selections_once_per_group_or_per_head(overlap):
+    """Per-query-head selections read once per KV head (overlapping: their union is at most 1.5x one head's)
+    or per head (disjoint) give the softmax over each head's own blocks, computed here directly."""
+    gen = torch.Generator().manual_seed(3 if overlap else 4)
+    hq, hkv, bs, d, nb, m = 6, 2, 4, 8, 30, 3
+    k_cache = torch.randn(nb + 3, hkv, bs, d, generator=gen, dtype=torch.float64)
+    v_cache = torch.randn(nb + 3, hkv, bs, d, generator=gen, dtype=torch.float64)
+    table = torch.randperm(nb + 3, generator=gen)[:nb]
+    ctx = nb * bs - 2
+    positions = torch.arange(ctx - m, ctx)
+    if overlap:  # every head: 12 common blocks (the last among them) and one of its own
+        common = torch.randperm(nb - 1, generator=gen)[:11].tolist() + [nb - 1]
+        own = torch.randperm(nb, generator=gen).tolist()
+        blocks = [common + [b for b in own if b not in common][h:h + 1] for h in range(hq)]
+    else:  # disjoint blocks per head of a group, padded with -1
+        blocks = [list(range(h % 3, nb - 1, 3))[:6] + [nb - 1] + [-1] * (h % 2) for h in range(hq)]
+    width = max(len(b) for b in blocks)
+    sel = torch.tensor([b + [-1] * (width - len(b)) for b in blocks])
+    q = torch.randn(m, hq, d, generator=gen, dtype=torch.float64)
+    got = ref.attend_tile(q, k_cache, v_cache, table, sel, positions, ctx)
+    group = hq // hkv
+    for h in range(hq):
+        keys = torch.tensor(sorted(b * bs + o for b in blocks[h] if b >= 0 for o in range(bs) if b * bs + o < ctx))
+        k = k_cache[table[keys // bs], h // group, keys % bs]
+        v = v_cache[table[keys // bs], h // group, keys % bs]
+        scores = (q[:, h] @ k.T) * d ** -0.5
+        scores = scores.masked_fill(keys[None, :] > positions[:, None], float("-inf"))
+        torch.testing.assert_close(got[:, h], torch.softmax(scores, -1) @ v, rtol=1e-5, atol=1e-5)  # float32 inside
