@@ -25,7 +25,7 @@ import torch
 from ..kernels.base import AttentionMetadata, LayerCache
 from ..kernels.reference import sparse as sparse_ref
 from ..kernels.reference import superlinear as ref
-from ..kernels.superlinear import BACKEND_DEFAULTS, make_params
+from ..kernels.superlinear import BACKEND_DEFAULTS, backend_params, make_params
 from .gpu_suite import CheckResult, SuiteContext, TimingRow, capture_graph, check, relative_error, timing
 
 K = 1024
@@ -450,7 +450,8 @@ def time_prefill(ctx: SuiteContext):
 def _kernel_report_calls(dtype: torch.dtype) -> None:
     """Representative launches of every superlinear kernel for `python -m longserve.bench.kernel_report`
     (compiled for sm_90 without a GPU): Hq 32 / Hkv 8 / D 128, 64- and 16-token blocks, decode (split-K)
-    and a prefill chunk (tiled), anchor/gate and summary/union."""
+    and a prefill chunk (tiled), anchor/gate and summary/union, and the engine backend's defaults (summary/union,
+    mean score, sinks, block-aligned spans)."""
     from ..kernels.triton import superlinear as tri
 
     q_heads, kv_heads, head_dim = 32, 8, 128
@@ -467,9 +468,9 @@ def _kernel_report_calls(dtype: torch.dtype) -> None:
                              slot_mapping=torch.zeros(2 * query_len, dtype=torch.int64))
             q = torch.empty(meta.num_tokens, q_heads, head_dim, dtype=dtype)
             k = torch.empty(meta.num_tokens, kv_heads, head_dim, dtype=dtype)
-            for search, combine in MODES:
-                params = make_params(dict(sw_index=15, search=search, combine=combine))  # window 255
-                tri.paged_forward(q, k, k.clone(), cache, meta, params)
+            for params in [make_params(dict(sw_index=15, search=search, combine=combine)) for search, combine in MODES]:
+                tri.paged_forward(q, k, k.clone(), cache, meta, params)  # window 255
+            tri.paged_forward(q, k, k.clone(), cache, meta, backend_params({"sw_index": 15}))
 
 
 try:

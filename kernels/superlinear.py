@@ -23,9 +23,10 @@ from .reference.block_summaries import summarize_full_blocks, update_block_summa
 from .reference.superlinear import SpanParams
 
 # The engine's defaults for ordinary checkpoints (no trained search projection): summary search scored by the
-# blocks' mean keys (the Quest bound misses needles on real weights, docs/superlinear.md), union merges spans,
+# blocks' mean keys (the Quest bound misses needles on real weights, docs/superlinear.md), spans centred on their
+# best blocks (a span chosen at its stripe's anchor may hold that block only at its edge), union merges spans,
 # sinks and window exactly.
-BACKEND_DEFAULTS = {"search": "summary", "combine": "union", "score": "mean", "sink_tokens": 16}
+BACKEND_DEFAULTS = {"search": "summary", "combine": "union", "score": "mean", "sink_tokens": 16, "span_align": "block"}
 PREFILL_DEFAULT = "dense"  # how prompt chunks attend: "sparse" or "dense" (kernels/prefill.py)
 
 
@@ -35,11 +36,25 @@ def make_params(values: dict[str, Any] | None = None, defaults: dict[str, Any] |
     return SpanParams(**with_defaults("superlinear", values, {**known, **(defaults or {})}))
 
 
+def backend_params(values: dict[str, Any] | None) -> SpanParams:
+    """The engine backend's SpanParams: BACKEND_DEFAULTS under the given values, except the defaults that follow
+    other choices: no sinks with the gate (they join the union only), anchor placement with anchor search
+    (it scores no blocks)."""
+    values = dict(values or {})
+    defaults = dict(BACKEND_DEFAULTS)
+    if values.get("combine", defaults["combine"]) != "union":
+        defaults["sink_tokens"] = 0
+    if values.get("search", defaults["search"]) != "summary":
+        defaults["span_align"] = "anchor"
+    return make_params(values, defaults)
+
+
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
                    q_search: torch.Tensor | None = None, sw_index: int = 63, num_spans: int = 3,
                    backward_factor: float = 2.0, forward_factor: float = 1.0, search_power: float = 0.5,
                    span_power: float = 0.5, combine: str = "gate", search: str = "anchor", score: str = "bound",
-                   sink_tokens: int = 0, impl: str = "auto", block_size: int = 64) -> torch.Tensor:
+                   sink_tokens: int = 0, span_align: str = "anchor", impl: str = "auto", block_size: int = 64
+                   ) -> torch.Tensor:
     """Superlinear span attention on contiguous tensors.
 
     q [B, Hq, Lq, D] (RoPE applied), k/v [B, Hkv, Lk, D] at key positions 0..Lk-1, positions [Lq] the
@@ -49,7 +64,7 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     """
     params = SpanParams(sw_index=sw_index, num_spans=num_spans, backward_factor=backward_factor,
                         forward_factor=forward_factor, search_power=search_power, span_power=span_power,
-                        combine=combine, search=search, score=score, sink_tokens=sink_tokens)
+                        combine=combine, search=search, score=score, sink_tokens=sink_tokens, span_align=span_align)
     _check_contiguous_inputs(q, k, v, positions, q_search, block_size)
     if resolve_impl(impl, q.device) == "triton":
         from .triton import superlinear as tri  # lazily: CPU-only installs never import triton
@@ -110,10 +125,7 @@ class SuperlinearBackend:
         impl = raw.pop("impl", impl)
         self.impl = check_impl_name("superlinear", impl)
         self.prefill = check_prefill("superlinear", raw.pop("prefill", PREFILL_DEFAULT))
-        defaults = dict(BACKEND_DEFAULTS)
-        if raw.get("combine", defaults["combine"]) != "union":
-            defaults["sink_tokens"] = 0  # sinks join the union only
-        self.params = make_params(raw, defaults)
+        self.params = backend_params(raw)
         self.plan = plan if isinstance(plan, AttentionPlan) else None  # None: every layer computes
         if self.plan is not None:
             self.plan.validate()

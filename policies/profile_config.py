@@ -52,7 +52,7 @@ class ProfileConfig:
         self._validate_methods()
 
     def _validate_methods(self) -> None:
-        from longserve.kernels.superlinear import BACKEND_DEFAULTS, make_params
+        from longserve.kernels.superlinear import backend_params
 
         searchable = ("hylra", "superlinear")
         if not self.methods or len(set(self.methods)) != len(self.methods) or \
@@ -64,7 +64,7 @@ class ProfileConfig:
                 raise ProfileError(f"method-config: parameters are given per searched method other than hylra "
                                    f"(as {{\"superlinear\": {{...}}}}), got {m!r}")
         if "superlinear" in self.methods:
-            params = make_params(self.method_params.get("superlinear"), BACKEND_DEFAULTS)
+            params = backend_params(self.method_params.get("superlinear"))
             if params.combine != "union":
                 raise ProfileError("the profiler measures superlinear with combine='union' only")
             if params.search == "summary" and params.window + 1 < self.block_size:

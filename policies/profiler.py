@@ -34,8 +34,7 @@ import torch
 from longserve.kernels.base import AttentionMetadata, LayerCache, StepState
 from longserve.kernels.hylra import validate_params as hylra_validate
 from longserve.kernels.plan import AttentionPlan, LayerPlan
-from longserve.kernels.superlinear import BACKEND_DEFAULTS as SPAN_DEFAULTS
-from longserve.kernels.superlinear import make_params as make_span_params
+from longserve.kernels.superlinear import backend_params as span_params
 from longserve.kernels.reference import dense as ref_dense
 
 from . import dp
@@ -104,7 +103,7 @@ class RecordingBackend:
         self.method_error = {m: [[] for _ in range(num_layers)] for m in cfg.methods}
         self.method_keys = {m: [[] for _ in range(num_layers)] for m in cfg.methods}
         if "superlinear" in cfg.methods:
-            self.span_params = make_span_params(cfg.method_params.get("superlinear"), SPAN_DEFAULTS)
+            self.span_params = span_params(cfg.method_params.get("superlinear"))
 
     def aux_specs(self, num_kv_heads: int, head_dim: int) -> dict:
         return {}
@@ -405,8 +404,7 @@ def _method_search_policy(results: dict[str, Any], cfg: ProfileConfig, model_inf
     }
     # Every parameter written out (defaults resolved), so the policy keeps what was profiled if defaults change.
     resolved = {"hylra": lambda: hylra_validate(hylra_params),
-                "superlinear": lambda: asdict(make_span_params(cfg.method_params.get("superlinear"),
-                                                               SPAN_DEFAULTS))}
+                "superlinear": lambda: asdict(span_params(cfg.method_params.get("superlinear")))}
     method_params = {m: resolved[m]() for m in set(chosen.values()) | {plan_method} if m in resolved}
     plan = AttentionPlan(plan_method, layers, method_params.pop(plan_method, {}), model_info, profile, method_params)
     plan.validate()

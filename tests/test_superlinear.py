@@ -4,6 +4,7 @@ kernels (interpreter on CPU)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -65,7 +66,8 @@ def _softmax_attend(qv, keys, values, idx, scale):
 
 
 def brute_force(q, k, v, positions, *, q_search=None, sw_index, num_spans, backward_factor, forward_factor,
-                search_power, span_power, combine, search, block_size=64, sink_tokens=0, summary_score="bound"):
+                search_power, span_power, combine, search, block_size=64, sink_tokens=0, summary_score="bound",
+                span_align="anchor"):
     """Loop over batch, query head and query; everything computed from the issue's formulas in float64."""
     bsz, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -96,17 +98,29 @@ def brute_force(q, k, v, positions, *, q_search=None, sw_index, num_spans, backw
                     if summary_score == "mean":  # q . mean key of the block
                         bound = [float(qsv @ kmean[blk]) for blk in range(nb)]
                 cands = []  # (score, stripe, start, end)
+                centred = {}  # span_align "block": best block -> the span centred on it (first stripe wins)
+                back, fwd = _pow_ceil_times(t, ps, backward_factor), _pow_ceil_times(t, ps, forward_factor)
                 s = sw_index  # the published rule: stripe s is valid while floor(s^(1/p)) <= t
                 while _inv_pow_floor(s + 1, p) <= t:
                     s += 1
                     a = qpos - _inv_pow_floor(s, p) + 1
-                    start = max(0, a - _pow_ceil_times(t, ps, backward_factor))
-                    end = min(a + _pow_ceil_times(t, ps, forward_factor), qpos, sw_start - 1)
+                    start = max(0, a - back)
+                    end = min(a + fwd, qpos, sw_start - 1)
                     if search == "anchor":
                         score = float(qsv @ keys[a])
                     else:
-                        score = max(bound[start // block_size: end // block_size + 1])
+                        touched = list(range(start // block_size, end // block_size + 1))
+                        score = max(bound[blk] for blk in touched)
+                        best = next(blk for blk in touched if bound[blk] == score)  # the leftmost
+                        if span_align == "block":
+                            last = min(qpos, sw_start - 1)
+                            c_start = max(0, min(best * block_size + block_size // 2 - (back + fwd) // 2,
+                                                 last - back - fwd))
+                            if best not in centred:
+                                centred[best] = (score, s, c_start, min(c_start + back + fwd, last))
+                            continue
                     cands.append((score, s, start, end))
+                cands += centred.values()
                 if not cands:
                     out[b, h, i] = _softmax_attend(qv, keys, values, range(qpos + 1), scale)
                     continue
@@ -180,6 +194,52 @@ def test_mean_score_matches_brute_force(pi, combine):
     got = ref.span_attention(q, k, v, positions, ref.SpanParams(**kw, score="mean"), block_size=8)
     torch.testing.assert_close(got, brute_force(q, k, v, positions, block_size=8, summary_score="mean", **kw),
                                rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("pi", range(len(PARAM_SETS)))
+@pytest.mark.parametrize("combine", ["gate", "union"])
+@pytest.mark.parametrize("score", ["bound", "mean"])
+def test_block_aligned_spans_match_brute_force(pi, combine, score):
+    """span_align "block": one span per best block (the first stripe's), of the stripes' length, centred on
+    that block and moved inside [0, min(q, window start - 1)]; sinks (union) join as before."""
+    params = PARAM_SETS[pi]
+    heads = [(4, 2), (3, 3), (6, 2), (2, 1), (4, 4)][pi]
+    q, k, v, positions = _inputs(400 + pi, 1, heads[0], heads[1], 333, 24, 8)
+    sinks = 5 if combine == "union" else 0
+    kw = dict(params, combine=combine, search="summary")
+    got = ref.span_attention(q, k, v, positions, ref.SpanParams(**kw, score=score, span_align="block",
+                                                                sink_tokens=sinks), block_size=8)
+    want = brute_force(q, k, v, positions, block_size=8, summary_score=score, span_align="block",
+                       sink_tokens=sinks, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    published = brute_force(q, k, v, positions, block_size=8, summary_score=score, sink_tokens=sinks, **kw)
+    assert not torch.allclose(got, published)
+
+
+def test_block_aligned_span_covers_its_best_block():
+    """The published tie rule takes the stripe nearest the query among the spans that touch the best block,
+    which may touch it with its first key only and miss the key that made the block best; a block-aligned
+    span holds the block whole in its middle."""
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(1, 600, 8, generator=g, dtype=torch.float64)
+    q = torch.randn(1, 1, 8, generator=g, dtype=torch.float64)
+    k[0, 225] = 40 * q[0, 0]  # block 28 (keys 224-231) of 8 keys holds a key far above the others
+    params = ref.SpanParams(sw_index=3, num_spans=1, search="summary", score="mean")
+    published, _ = ref.select_spans(q, k, torch.tensor([599]), params, block_size=8)
+    # stripe 18: anchor 600 - 18^2 = 276, span [276 - ceil(2 sqrt(600)), 276 + ceil(sqrt(600))] = [227, 301]
+    assert (int(published.stripes[0, 0, 0]), int(published.starts[0, 0, 0])) == (18, 227)
+    aligned, _ = ref.select_spans(q, k, torch.tensor([599]), dataclasses.replace(params, span_align="block"),
+                                  block_size=8)
+    reach = math.ceil(2 * math.sqrt(600)) + math.ceil(math.sqrt(600))
+    assert (int(aligned.starts[0, 0, 0]), int(aligned.ends[0, 0, 0])) == (228 - reach // 2, 228 - reach // 2 + reach)
+    assert aligned.scores[0, 0, 0] == published.scores[0, 0, 0]
+
+
+def test_block_alignment_needs_summary_search():
+    with pytest.raises(BackendError, match="span_align"):
+        ref.SpanParams(search="anchor", span_align="block")
+    with pytest.raises(BackendError, match="span_align"):
+        ref.SpanParams(search="summary", span_align="middle")
 
 
 def test_sinks_need_union():
@@ -378,13 +438,16 @@ def test_backend_rejects_unknown_parameters_and_impl():
         SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"impl": "cuda"}))
     b = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"num_spans": 2, "impl": "torch"}))
     assert (b.params.num_spans, b.params.search, b.params.combine, b.impl) == (2, "summary", "union", "torch")
-    assert (b.params.score, b.params.sink_tokens, b.prefill) == ("mean", 16, "dense")
+    assert (b.params.score, b.params.sink_tokens, b.params.span_align, b.prefill) == ("mean", 16, "block", "dense")
     assert set(b.aux_specs(2, 8)) == {"kmean"}
     bound = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"score": "bound"}))
     assert set(bound.aux_specs(2, 8)) == {"kmin", "kmax"}
     gate = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"combine": "gate"}))
-    assert gate.params.sink_tokens == 0  # sinks join the union only
-    assert SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"search": "anchor"})).aux_specs(2, 8) == {}
+    assert (gate.params.sink_tokens, gate.params.span_align) == (0, "block")  # sinks join the union only
+    anchor = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"search": "anchor"}))
+    assert (anchor.aux_specs(2, 8), anchor.params.span_align) == ({}, "anchor")  # anchor search scores no blocks
+    with pytest.raises(BackendError, match="span_align"):
+        SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, {"search": "anchor", "span_align": "block"}))
 
 
 def test_bad_shapes_are_clear_errors():
@@ -493,7 +556,8 @@ def test_paged_backend_equals_functional(search, combine, score, sinks, path, mo
     monkeypatch.setattr(ref, "_BLOCK_QUERIES", 10 ** 9 if path == "blocks" else 0)
     monkeypatch.setattr(ref, "_CONTIGUOUS_FACTOR", 0 if path == "gathered" else 10 ** 9)
     sc = PagedScenario([150, 97, 61, 203], seed=3)
-    params = dict(PAGED_PARAMS, search=search, combine=combine, score=score, sink_tokens=sinks)
+    params = dict(PAGED_PARAMS, search=search, combine=combine, score=score, sink_tokens=sinks,
+                  span_align="block" if search == "summary" else "anchor")  # the backend's defaults
     backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch", prefill="sparse")))
     outs, cache = sc.run(backend)
     for i in range(len(sc.lens)):
@@ -606,7 +670,7 @@ def test_attend_blocks_reads_only_the_touched_blocks():
 def test_paged_backend_p055_gqa_groups_of_three():
     sc = PagedScenario([180, 77], hq=6, hkv=2, d=8, block_size=8, seed=4)
     params = dict(sw_index=3, num_spans=2, backward_factor=3.0, forward_factor=1.0, search_power=0.55,
-                  span_power=0.55, search="summary", combine="union", score="bound", sink_tokens=0)
+                  span_power=0.55, search="summary", combine="union", score="bound", sink_tokens=0, span_align="block")
     backend = SuperlinearBackend(AttentionPlan.uniform("superlinear", 1, dict(params, impl="torch", prefill="sparse")))
     outs, _ = sc.run(backend, prefill_chunks=(13, 29, 3))
     for i in range(len(sc.lens)):
@@ -696,6 +760,11 @@ def test_sparse_range_attention_triton_matches_reference(dtype, gated, hr_kind, 
     ("summary", "union", torch.float32, (4, 2), dict(score="mean", sink_tokens=5)),
     ("summary", "gate", torch.float16, (3, 1), dict(score="mean", search_power=0.55, span_power=0.55)),
     ("anchor", "union", torch.float16, (4, 2), dict(sink_tokens=40)),  # sinks longer than a span
+    ("summary", "union", torch.float32, (3, 1), dict(score="mean", span_align="block", sink_tokens=5, num_spans=5)),
+    ("summary", "gate", torch.float16, (4, 2), dict(score="mean", span_align="block", search_power=0.55,
+                                                    span_power=0.55)),
+    ("summary", "union", torch.float16, (4, 2), dict(span_align="block", num_spans=4, backward_factor=0.5,
+                                                     forward_factor=0.5)),
 ])
 def test_triton_span_attention_matches_reference(search, combine, dtype, heads, kw):
     from longserve.kernels.triton import sparse as sparse_tri
@@ -726,7 +795,9 @@ def test_triton_q_search():
     ("summary", "union", torch.float32, "tiled", {}), ("anchor", "gate", torch.float16, "split", {}),
     ("summary", "gate", torch.float16, "tiled", {}),
     ("summary", "union", torch.float16, "split", {"score": "mean", "sink_tokens": 3}),
-    ("summary", "union", torch.float32, "tiled", {"score": "mean", "sink_tokens": 3})])
+    ("summary", "union", torch.float32, "tiled", {"score": "mean", "sink_tokens": 3}),
+    ("summary", "union", torch.float16, "split", {"score": "mean", "sink_tokens": 3, "span_align": "block"}),
+    ("summary", "gate", torch.float32, "tiled", {"score": "mean", "span_align": "block", "num_spans": 2})])
 def test_triton_paged_forward_matches_reference(search, combine, dtype, path, extra, monkeypatch):
     """Chunked prefill then decode through the Triton path (output and workspace poisoned with NaN) equals
     the backend's PyTorch path step for step, and the Triton bound update equals the PyTorch one."""

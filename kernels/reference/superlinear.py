@@ -11,6 +11,8 @@ ps = span_power, b = backward_factor, f = forward_factor, k = num_spans.
 - Span of anchor a: [max(0, a - ceil(b t^ps)), min(a + ceil(f t^ps), q, sw_start - 1)] (inclusive).
 - Search: "anchor" scores a span by q_search . K[a]; "summary" by the largest Quest upper bound of q . k
   over the key blocks the span touches. Top-k spans per query head (ties: the smaller stripe first).
+  span_align "block" (summary only): one candidate per best block (its smallest stripe), and each selected
+  span, of the same length, is centred on its best block instead of its anchor.
 - Combine: "gate" = sum_j softmax(scores)_j * attention(span_j + window); "union" = attention over the
   union of the selected spans and the window, each key once.
 
@@ -36,6 +38,7 @@ from .block_summaries import block_bounds, quest_bound
 COMBINES = ("gate", "union")
 SEARCHES = ("anchor", "summary")
 SCORES = ("bound", "mean")  # summary search: a block's Quest bound, or q . its mean key
+ALIGNS = ("anchor", "block")  # where a selected span sits: at its stripe's anchor, or centred on its best block
 
 # Keep the largest [.., q_tile, keys] tensors under about this many elements.
 _MAX_TILE_ELEMENTS = 1 << 24
@@ -53,6 +56,7 @@ class SpanParams:
     search: str = "anchor"
     sink_tokens: int = 0  # union only: keys [0, sink_tokens) always attended (attention sinks)
     score: str = "bound"  # summary search's block score: "bound" (Quest) or "mean" (q . mean key)
+    span_align: str = "anchor"  # summary only: "block" centres each span on its best block, one span per block
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -66,6 +70,9 @@ class SpanParams:
         choice_param("superlinear", values, "search", SEARCHES)
         int_param("superlinear", values, "sink_tokens", 0)
         choice_param("superlinear", values, "score", SCORES)
+        choice_param("superlinear", values, "span_align", ALIGNS)
+        if self.span_align == "block" and self.search != "summary":
+            raise BackendError("superlinear: span_align 'block' needs search 'summary' (anchor search scores no blocks)")
         if self.sink_tokens and self.combine != "union":
             raise BackendError("superlinear: sink_tokens needs combine 'union' (the gate mixes spans only)")
 
@@ -228,17 +235,24 @@ def block_scores(qs: torch.Tensor, tables: tuple[torch.Tensor, ...], score: str)
     return torch.bmm(qs.reshape(hkv, (hq // hkv) * m, d), kmean.transpose(1, 2)).reshape(hq, m, -1)
 
 
-def range_max(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def range_max(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, argmax: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """max(values[..., lo:hi+1]) along the last axis for index tensors lo/hi [..., S] (same leading shape
-    as values), via a sparse table (log2 levels of doubling maxima, only up to the longest range asked)."""
+    as values), and with argmax the index of the leftmost maximum (else None), via a sparse table (log2
+    levels of doubling maxima, only up to the longest range asked)."""
     n = values.shape[-1]
     longest = int((hi - lo + 1).max()) if lo.numel() else 1
     levels = [values]
+    where = [torch.arange(n, device=values.device).expand_as(values)] if argmax else None
     width = 1
     while 2 * width <= min(n, longest):
         prev = levels[-1]
         shifted = torch.nn.functional.pad(prev[..., width:], (0, width), value=float("-inf"))
-        levels.append(torch.maximum(prev, shifted))
+        left = prev >= shifted  # ties: the left half, so the leftmost maximum wins
+        levels.append(torch.where(left, prev, shifted))
+        if where is not None:
+            where.append(torch.where(left, where[-1], torch.nn.functional.pad(where[-1][..., width:], (0, width),
+                                                                              value=n)))
         width *= 2
     table = torch.stack(levels)  # [levels, ..., n]
     length = (hi - lo + 1).clamp_min(1)
@@ -251,9 +265,15 @@ def range_max(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch
     lead = flat.shape[1]
     idx_level = level.reshape(lead, -1)
     rows = torch.arange(lead, device=values.device)[:, None].expand_as(idx_level)
-    a = flat[idx_level, rows, lo_c.reshape(lead, -1)]
-    b = flat[idx_level, rows, hi_start.reshape(lead, -1)]
-    return torch.maximum(a, b).reshape(lo.shape)
+    lo_i, hi_i = lo_c.reshape(lead, -1), hi_start.reshape(lead, -1)
+    a, b = flat[idx_level, rows, lo_i], flat[idx_level, rows, hi_i]
+    left = a >= b
+    best = torch.where(left, a, b).reshape(lo.shape)
+    if where is None:
+        return best, None
+    flat_at = torch.stack(where).reshape(len(levels), -1, n)
+    at = torch.where(left, flat_at[idx_level, rows, lo_i], flat_at[idx_level, rows, hi_i])
+    return best, at.reshape(lo.shape)
 
 
 @dataclass(frozen=True)
@@ -282,12 +302,14 @@ def paged_rows(cache: torch.Tensor, block_table: torch.Tensor) -> KeyRows:
 
 
 def search_scores(qs: torch.Tensor, k: torch.Tensor | KeyRows, geom: SpanGeometry, params: SpanParams, *,
-                  bounds: tuple[torch.Tensor, torch.Tensor] | None, block_size: int) -> torch.Tensor:
-    """Search score of every (query head, query, stripe): [Hq, M, S] (-inf where the stripe is invalid).
+                  bounds: tuple[torch.Tensor, torch.Tensor] | None, block_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Search score of every (query head, query, stripe): [Hq, M, S] (-inf where the stripe is invalid), and
+    with span_align "block" the span's best block (the leftmost block of that score; else None).
 
     qs [Hq, M, D], k [Hkv, N, D] (or a key source: rows(heads, positions)). Anchor search: raw
-    qs . K[anchor]. Summary search: max over the blocks the span touches of the Quest bound (bounds =
-    per-block (kmin, kmax) [Hkv, nb, D]; computed from k when None and k is a tensor)."""
+    qs . K[anchor]. Summary search: max over the blocks the span touches of the block score (bounds = the
+    per-block tables [Hkv, nb, D] of `summary_tables`; computed from k when None and k is a tensor)."""
     hq, m, d = qs.shape
     acc = torch.float64 if qs.dtype == torch.float64 else torch.float32
     qf = qs.to(acc)
@@ -297,6 +319,7 @@ def search_scores(qs: torch.Tensor, k: torch.Tensor | KeyRows, geom: SpanGeometr
         kv_heads = torch.arange(hkv, device=qs.device)[:, None, None]
         keys = rows(kv_heads, geom.anchors.clamp_min(0)[None]).to(acc)  # [Hkv, M, S, D]
         scores = torch.einsum("hgmd,hmsd->hgms", qf.view(hkv, hq // hkv, m, d), keys).reshape(hq, m, -1)
+        best = None
     else:
         if bounds is None:
             if not isinstance(k, torch.Tensor):
@@ -305,8 +328,8 @@ def search_scores(qs: torch.Tensor, k: torch.Tensor | KeyRows, geom: SpanGeometr
         ub = block_scores(qf, tuple(b.to(acc) for b in bounds), params.score)  # [Hq, M, nb]
         lo = (geom.starts // block_size)[None].expand(hq, -1, -1)
         hi = (geom.ends.clamp_min(0) // block_size)[None].expand(hq, -1, -1)
-        scores = range_max(ub, lo, hi)
-    return scores.masked_fill(~geom.valid[None], float("-inf"))
+        scores, best = range_max(ub, lo, hi, argmax=params.span_align == "block")
+    return scores.masked_fill(~geom.valid[None], float("-inf")), best
 
 
 @dataclass
@@ -330,11 +353,15 @@ def select_spans(qs: torch.Tensor, k: torch.Tensor | KeyRows, positions: torch.T
     num_stripes = max(num_valid_stripes(t_max, params), 1)
     geom = decode_geometry(positions, params, num_stripes) if m <= _DECODE_QUERIES else \
         span_geometry(positions, params, num_stripes)
+    best = None
     if num_valid_stripes(t_max, params):
-        scores = search_scores(qs, k, geom, params, bounds=bounds, block_size=block_size)
+        scores, best = search_scores(qs, k, geom, params, bounds=bounds, block_size=block_size)
     else:  # no query has a valid stripe (short contexts): every score is -inf, so skip the search
         scores = torch.full((qs.shape[0], m, num_stripes), float("-inf"), device=qs.device,
                             dtype=torch.float64 if qs.dtype == torch.float64 else torch.float32)
+    aligned = params.span_align == "block" and best is not None
+    if aligned:
+        scores = one_stripe_per_block(scores, best)
     kk = min(params.num_spans, num_stripes)
     # Ties (common with summary search: neighbouring spans share their best block) go to the smaller
     # stripe, i.e. the anchor nearer the query: a stable descending sort keeps that order.
@@ -345,11 +372,42 @@ def select_spans(qs: torch.Tensor, k: torch.Tensor | KeyRows, positions: torch.T
     def pick(x: torch.Tensor) -> torch.Tensor:
         return torch.gather(x[None].expand(hq, -1, -1), 2, idx)
 
+    if aligned:
+        starts, ends = centred_spans(torch.gather(best, 2, idx), positions, geom.sw_start, params, block_size)
+    else:
+        starts, ends = pick(geom.starts), pick(geom.ends)
     sel = Selection(stripes=idx + params.first_stripe, scores=top, valid=torch.isfinite(top),
-                    starts=pick(geom.starts), ends=pick(geom.ends))
+                    starts=starts, ends=ends)
     if params.sink_tokens:
         sel = with_sinks(sel, geom.sw_start, params.sink_tokens)
     return sel, geom.sw_start
+
+
+def one_stripe_per_block(scores: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """span_align "block": stripes sharing a best block (so the same score) would centre the same span; keep
+    the smallest of them (the anchor nearer the query) and give the others -inf. scores, best [Hq, M, S]."""
+    num = scores.shape[-1]
+    stripe = torch.arange(num, device=scores.device).expand_as(best)
+    dummy = int(best.max()) + 1  # the bin of invalid stripes
+    bins = torch.where(torch.isfinite(scores), best, dummy)
+    first = torch.full((*scores.shape[:-1], dummy + 1), num, dtype=torch.int64, device=scores.device)
+    first = first.scatter_reduce(2, bins, stripe, "amin")
+    return scores.masked_fill(torch.gather(first, 2, bins) != stripe, float("-inf"))
+
+
+def centred_spans(blocks: torch.Tensor, positions: torch.Tensor, sw_start: torch.Tensor, params: SpanParams,
+                  block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """span_align "block": spans of the stripes' length (ceil(b t^ps) + ceil(f t^ps) + 1 keys) centred on the
+    middle key of each selected best block blocks [Hq, M, K], moved inside [0, min(q, sw_start - 1)].
+    Returns the first and last keys (inclusive)."""
+    pos = positions.to(torch.int64)
+    t = pos + 1
+    reach = (span_reach(t, params.span_power, params.backward_factor)
+             + span_reach(t, params.span_power, params.forward_factor))[None, :, None]
+    last = torch.minimum(pos, sw_start - 1)[None, :, None]
+    centre = blocks * block_size + block_size // 2
+    start = torch.minimum(centre - reach // 2, last - reach).clamp_min(0)
+    return start, torch.minimum(start + reach, last)
 
 
 def with_sinks(sel: Selection, sw_start: torch.Tensor, sink_tokens: int) -> Selection:

@@ -158,14 +158,16 @@ def _block_bounds_kernel(QS, KMIN, KMAX, UB, positions, token_seq, block_tables,
 
 @triton.jit
 def _stripe_topk_kernel(QS, KC, UB, positions, token_seq, block_tables, num_stripes, sw_start, back, fwd,
-                        offsets, CAND_S, CAND_I, token0,
+                        offsets, CAND_S, CAND_I, CAND_B, token0,
                         s_qt, s_qh, s_kb, s_kh, s_kt, s_ut, s_uh, s_bt, s_ct, s_ch, s_cs,
                         G: tl.constexpr, G_PAD: tl.constexpr, FIRST: tl.constexpr, K: tl.constexpr,
                         KP: tl.constexpr, SPLIT: tl.constexpr, BS: tl.constexpr, SUMMARY: tl.constexpr,
-                        PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                        ALIGN: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        IEEE: tl.constexpr):
     """For each query head of one (token, GQA group): the top-k of this split's stripes, ordered by score
     (descending) then stripe (ascending). Scores: q . K[anchor] (anchor search) or the largest block bound
-    over the blocks the stripe's span touches (summary search)."""
+    over the blocks the stripe's span touches (summary search; CAND_B gets that block, the leftmost of the
+    score). ALIGN (span_align "block"): one stripe per best block, the smallest."""
     local = tl.program_id(0).to(tl.int64)
     token = token0 + local
     kv_head = tl.program_id(1).to(tl.int64)
@@ -182,6 +184,7 @@ def _stripe_topk_kernel(QS, KC, UB, positions, token_seq, block_tables, num_stri
     # pad slots (+inf) are never evicted; real slots start empty (-inf, stripe -1)
     best_s = tl.where(slot[None, :] < K, float("-inf"), float("inf")) + tl.zeros([G_PAD, KP], tl.float32)
     best_i = tl.full([G_PAD, KP], -1, tl.int32)
+    best_b = tl.full([G_PAD, KP], -1, tl.int32)
     if SUMMARY:
         ws = tl.load(sw_start + token)
         b = tl.load(back + token)
@@ -203,10 +206,15 @@ def _stripe_topk_kernel(QS, KC, UB, positions, token_seq, block_tables, num_stri
             lo = tl.maximum(anchor - b, 0) // PAGE
             hi = tl.minimum(anchor + f, last_end) // PAGE
             scores = tl.full([G_PAD, BS], float("-inf"), tl.float32)
+            best_block = tl.zeros([G_PAD, BS], tl.int32)
             for w in range(0, width):
                 m = (smask & (lo + w <= hi))[None, :] & (g[:, None] < G)
-                scores = tl.maximum(scores, tl.load(ub_rows + (lo + w)[None, :], mask=m, other=float("-inf")))
+                val = tl.load(ub_rows + (lo + w)[None, :], mask=m, other=float("-inf"))
+                better = val > scores  # strictly: ties keep the leftmost block
+                scores = tl.where(better, val, scores)
+                best_block = tl.where(better, (lo + w)[None, :].to(tl.int32), best_block)
         else:
+            best_block = tl.zeros([G_PAD, BS], tl.int32)  # anchor search scores no blocks
             blk = tl.load(table + anchor // PAGE, mask=smask, other=0).to(tl.int64)
             k = tl.load(kbase + blk[:, None] * s_kb + (anchor % PAGE)[:, None] * s_kt + d[None, :],
                         mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
@@ -215,27 +223,35 @@ def _stripe_topk_kernel(QS, KC, UB, positions, token_seq, block_tables, num_stri
         for _ in tl.static_range(K):
             top = tl.max(scores, 1)
             arg = tl.argmax(scores, 1)  # ties: the leftmost, i.e. the smaller stripe
+            at_arg = lane[None, :] == arg[:, None]
+            top_blk = tl.sum(tl.where(at_arg, best_block, 0), 1)
             worst = tl.min(best_s, 1)
             evict = tl.argmax(tl.where(best_s == worst[:, None], best_i, -2), 1)  # among equals: larger stripe
-            take = slot[None, :] == tl.where(top > worst, evict, -1)[:, None]
+            fits = top > worst
+            if ALIGN:  # a block already kept (by a smaller stripe) is not kept twice
+                fits = fits & (tl.max((best_b == top_blk[:, None]).to(tl.int32), 1) == 0)
+                at_arg = best_block == top_blk[:, None]  # every stripe of that block leaves the race
+            take = slot[None, :] == tl.where(fits, evict, -1)[:, None]
             best_s = tl.where(take, top[:, None], best_s)
             best_i = tl.where(take, (s0 + arg)[:, None], best_i)
-            scores = tl.where(lane[None, :] == arg[:, None], float("-inf"), scores)
+            best_b = tl.where(take, top_blk[:, None], best_b)
+            scores = tl.where(at_arg, float("-inf"), scores)
     out = local * s_ct + heads[:, None] * s_ch + split * s_cs + slot[None, :]
     keep = (g[:, None] < G) & (slot[None, :] < K)
     tl.store(CAND_S + out, best_s, mask=keep)
     tl.store(CAND_I + out, best_i, mask=keep)
+    tl.store(CAND_B + out, best_b, mask=keep)
 
 
 @triton.jit
-def _select_kernel(CAND_S, CAND_I, positions, sw_start, back, fwd, offsets, RANGES, GATES, token0,
+def _select_kernel(CAND_S, CAND_I, CAND_B, positions, sw_start, back, fwd, offsets, RANGES, GATES, token0,
                    s_ct, s_ch, s_rt, s_rh, s_rk, s_gt, s_gh,
                    K: tl.constexpr, KP: tl.constexpr, NUM_SPLITS: tl.constexpr, CP: tl.constexpr,
-                   UNION: tl.constexpr, SINK: tl.constexpr):
+                   UNION: tl.constexpr, SINK: tl.constexpr, ALIGN: tl.constexpr, PAGE: tl.constexpr):
     """Merge the splits' candidates into the top-k stripes and write their spans as [start, end) key ranges
-    (union: later spans clipped to start after earlier ones, so the ranges are disjoint) and gate logits.
-    SINK > 0 (union only): range slot K holds the sinks [0, min(SINK, window start)) and the spans start
-    after them."""
+    (union: spans clipped to start after the ones that start earlier, so the ranges are disjoint) and gate
+    logits. SINK > 0 (union only): range slot K holds the sinks [0, min(SINK, window start)) and the spans
+    start after them. ALIGN: one stripe per best block, its span centred on that block."""
     local = tl.program_id(0).to(tl.int64)
     token = token0 + local
     head = tl.program_id(1)
@@ -244,18 +260,26 @@ def _select_kernel(CAND_S, CAND_I, positions, sw_start, back, fwd, offsets, RANG
     cand = local * s_ct + head * s_ch + c  # [splits, K] contiguous
     sc = tl.load(CAND_S + cand, mask=cmask, other=float("-inf"))
     idx = tl.load(CAND_I + cand, mask=cmask, other=-1)
+    blk = tl.load(CAND_B + cand, mask=cmask, other=-1)
     big = 2147483647
     idx = tl.where(sc > float("-inf"), idx, big)
     slot = tl.arange(0, KP)
     sel_s = tl.full([KP], float("-inf"), tl.float32)
     sel_i = tl.full([KP], -1, tl.int32)
+    sel_b = tl.full([KP], 0, tl.int32)
     for j in tl.static_range(K):
         top = tl.max(sc, 0)
         pick = tl.min(tl.where(sc == top, idx, big), 0)  # ties: the smaller stripe
-        here = slot == tl.where(top > float("-inf"), j, -1)
+        found = top > float("-inf")
+        picked = idx == tl.where(found, pick, -2)
+        pick_blk = tl.sum(tl.where(picked, blk, 0), 0)
+        here = slot == tl.where(found, j, -1)
         sel_s = tl.where(here, top, sel_s)
         sel_i = tl.where(here, pick, sel_i)
-        gone = idx == tl.where(top > float("-inf"), pick, -2)
+        sel_b = tl.where(here, pick_blk, sel_b)
+        gone = picked
+        if ALIGN:  # other splits' stripes of the same block leave too (once none is left, every idx is big)
+            gone = gone | ((blk == pick_blk) & (idx != big))
         sc = tl.where(gone, float("-inf"), sc)
         idx = tl.where(gone, big, idx)
     valid = sel_i >= 0
@@ -263,16 +287,24 @@ def _select_kernel(CAND_S, CAND_I, positions, sw_start, back, fwd, offsets, RANG
     ws = tl.load(sw_start + token)
     b = tl.load(back + token)
     f = tl.load(fwd + token)
-    off = tl.load(offsets + tl.where(valid, sel_i, 0), mask=valid, other=0)
-    anchor = position + 1 - off
-    start = tl.maximum(anchor - b, 0)
-    end = tl.minimum(anchor + f, tl.minimum(position, ws - 1)) + 1  # exclusive
+    last = tl.minimum(position, ws - 1)
+    if ALIGN:  # the span's length, centred on its best block, moved inside [0, last]
+        centre = sel_b.to(tl.int64) * PAGE + PAGE // 2
+        start = tl.maximum(tl.minimum(centre - (b + f) // 2, last - b - f), 0)
+        end = tl.minimum(start + b + f, last) + 1  # exclusive
+    else:
+        off = tl.load(offsets + tl.where(valid, sel_i, 0), mask=valid, other=0)
+        anchor = position + 1 - off
+        start = tl.maximum(anchor - b, 0)
+        end = tl.minimum(anchor + f, last) + 1  # exclusive
     if UNION:
-        # Spans ordered by anchor have ordered starts and ends: clip each start to the latest end of the
-        # spans with smaller anchors, so every key is attended once.
-        earlier = valid[None, :] & (anchor[None, :] < anchor[:, None])
+        # Clip each start to the latest end of the spans that start earlier (equal starts: the lower slot
+        # first), so every key is attended once; a span inside earlier ones becomes empty.
+        earlier = valid[None, :] & ((start[None, :] < start[:, None])
+                                    | ((start[None, :] == start[:, None]) & (slot[None, :] < slot[:, None])))
         prev_end = tl.max(tl.where(earlier, end[None, :], 0), 1)
         start = tl.maximum(start, prev_end)
+        end = tl.maximum(end, start)
         if SINK > 0:
             sink_end = tl.minimum(ws, SINK)
             start = tl.maximum(start, sink_end)
@@ -339,20 +371,22 @@ def select_spans(q_search: torch.Tensor, cache: LayerCache, meta: AttentionMetad
             ub = torch.empty(1, 1, 1, dtype=torch.float32, device=device)  # not read
         cand_s = torch.empty(n, hq, num_splits, k, dtype=torch.float32, device=device)
         cand_i = torch.empty(n, hq, num_splits, k, dtype=torch.int32, device=device)
+        cand_b = torch.empty(n, hq, num_splits, k, dtype=torch.int32, device=device)
+        align = params.span_align == "block"
         _stripe_topk_kernel[(n, hkv, num_splits)](
             q_search, cache.k, ub, meta.positions, geom.token_seq, bt, geom.num_stripes, geom.sw_start,
-            geom.back, geom.fwd, geom.offsets, cand_s, cand_i, t0,
+            geom.back, geom.fwd, geom.offsets, cand_s, cand_i, cand_b, t0,
             q_search.stride(0), q_search.stride(1), cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
             ub.stride(0), ub.stride(1), bt.stride(0), cand_s.stride(0), cand_s.stride(1), cand_s.stride(2),
             G=group, G_PAD=g_pad, FIRST=params.first_stripe, K=k, KP=kp, SPLIT=split, BS=_BLOCK_STRIPES,
-            SUMMARY=summary, PAGE=page, HEAD_DIM=head_dim, BLOCK_D=block_d, IEEE=ieee, num_warps=4)
+            SUMMARY=summary, ALIGN=align, PAGE=page, HEAD_DIM=head_dim, BLOCK_D=block_d, IEEE=ieee, num_warps=4)
         r = ranges[t0:t0 + n]
         g = gates[t0:t0 + n] if gates is not None else cand_s  # dummy in union mode
         _select_kernel[(n, hq)](
-            cand_s, cand_i, meta.positions, geom.sw_start, geom.back, geom.fwd, geom.offsets, r, g, t0,
+            cand_s, cand_i, cand_b, meta.positions, geom.sw_start, geom.back, geom.fwd, geom.offsets, r, g, t0,
             cand_s.stride(0), cand_s.stride(1), r.stride(0), r.stride(1), r.stride(2), g.stride(0), g.stride(1),
             K=k, KP=kp, NUM_SPLITS=num_splits, CP=next_power_of_2(num_splits * k),
-            UNION=params.combine == "union", SINK=params.sink_tokens, num_warps=1)
+            UNION=params.combine == "union", SINK=params.sink_tokens, ALIGN=align, PAGE=page, num_warps=1)
     return PagedSelection(ranges, gates, geom)
 
 
