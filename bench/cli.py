@@ -147,6 +147,9 @@ def add_decode_cpu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=_positive_int, default=2,
                    help="untimed steps first (routing clusters the cache there; default 2)")
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave the C allocator as it is (by default the bench keeps freed memory, so steps do not "
+                        "pay page faults for the temporaries of the step before)")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys, values and queries")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows and the environment as JSON")
 

@@ -15,6 +15,7 @@ cli.py (free of torch); server/cli.py dispatches here.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
@@ -153,6 +154,20 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def keep_freed_memory() -> bool:
+    """glibc: serve every allocation from the heap and never give freed memory back (no mmap per large
+    allocation, no trim), so a call does not pay page faults for the temporaries the previous call freed.
+    Those faults made one method's fastest step vary 2x between runs on a loaded machine. False where the C
+    library has no mallopt."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+
+
 def run(args) -> int:
     """`longserve bench decode-cpu` (parsed arguments); BenchError for bad parameters, before any timing."""
     variants = variants_of(args)
@@ -162,6 +177,7 @@ def run(args) -> int:
         except BackendError as e:
             raise BenchError(f"{v.label}: {e}") from None
     torch.set_num_threads(args.threads)
+    kept = False if args.system_malloc else keep_freed_memory()
     load_before = os.getloadavg()
     rows: list[Row] = []
     with torch.inference_mode():
@@ -174,14 +190,16 @@ def run(args) -> int:
     print()
     print(table(rows))
     print(f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
-          f"{args.threads} thread(s), fastest and median of {args.steps} timed steps per setting")
+          f"{args.threads} thread(s), fastest and median of {args.steps} timed steps per setting; freed memory "
+          f"{'kept (mallopt)' if kept else 'returned to the system'}")
     if args.json:
         env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
                "torch": torch.__version__, "threads": args.threads, "load_average_before": load_before,
                "load_average_after": load_after,
                "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-                         "block_size": args.block_size}, "steps": args.steps, "warmup": args.warmup}
+                         "block_size": args.block_size}, "steps": args.steps, "warmup": args.warmup,
+               "freed_memory_kept": kept}
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
     return 0

@@ -367,9 +367,12 @@ def test_decode_cpu_rows_and_shares(tmp_path, capsys):
     out = tmp_path / "decode.json"
     rc = main(["bench", "decode-cpu", "--keys", "200", "--batch", "1,3", "--steps", "2", "--warmup", "1",
                "--heads", "4", "--kv-heads", "2", "--head-dim", "8", "--attention", "dense,hylra,routing",
-               "--variant", 'sl=superlinear:{"sw_index": 3, "num_spans": 1}', "--json", str(out)])
+               "--variant", 'sl=superlinear:{"sw_index": 3, "num_spans": 1}', "--json", str(out),
+               "--system-malloc"])  # the suite's process keeps glibc's defaults
     assert rc == 0
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    assert report["environment"]["freed_memory_kept"] is False
+    rows = report["rows"]
     assert [(r["batch"], r["label"]) for r in rows] == [(b, m) for b in (1, 3) for m in ("dense", "hylra", "routing",
                                                                                         "sl")]
     for r in rows:
@@ -383,7 +386,7 @@ def test_decode_cpu_rows_and_shares(tmp_path, capsys):
 
 
 def test_decode_cpu_bad_variant_is_one_line(capsys):
-    assert main(["bench", "decode-cpu", "--keys", "64", "--steps", "1", "--variant",
+    assert main(["bench", "decode-cpu", "--keys", "64", "--steps", "1", "--system-malloc", "--variant",
                  'x=superlinear:{"num_spans": 0}']) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "num_spans" in err
