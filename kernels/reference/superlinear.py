@@ -187,7 +187,7 @@ def span_geometry(positions: torch.Tensor, params: SpanParams, num_stripes: int)
 
 
 # A tile of at most this many queries counts as decode: its geometry is cached (every layer of a forward pass
-# searches from the same positions) and its contiguous attention is one bmm rather than SDPA.
+# searches from the same positions) and it attends over key blocks (attend_blocks).
 _DECODE_QUERIES = 4
 
 
