@@ -235,24 +235,17 @@ def block_scores(qs: torch.Tensor, tables: tuple[torch.Tensor, ...], score: str)
     return torch.bmm(qs.reshape(hkv, (hq // hkv) * m, d), kmean.transpose(1, 2)).reshape(hq, m, -1)
 
 
-def range_max(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, argmax: bool = False
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def range_max(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """max(values[..., lo:hi+1]) along the last axis for index tensors lo/hi [..., S] (same leading shape
-    as values), and with argmax the index of the leftmost maximum (else None), via a sparse table (log2
-    levels of doubling maxima, only up to the longest range asked)."""
+    as values), via a sparse table (log2 levels of doubling maxima, only up to the longest range asked)."""
     n = values.shape[-1]
     longest = int((hi - lo + 1).max()) if lo.numel() else 1
     levels = [values]
-    where = [torch.arange(n, device=values.device).expand_as(values)] if argmax else None
     width = 1
     while 2 * width <= min(n, longest):
         prev = levels[-1]
         shifted = torch.nn.functional.pad(prev[..., width:], (0, width), value=float("-inf"))
-        left = prev >= shifted  # ties: the left half, so the leftmost maximum wins
-        levels.append(torch.where(left, prev, shifted))
-        if where is not None:
-            where.append(torch.where(left, where[-1], torch.nn.functional.pad(where[-1][..., width:], (0, width),
-                                                                              value=n)))
+        levels.append(torch.maximum(prev, shifted))
         width *= 2
     table = torch.stack(levels)  # [levels, ..., n]
     length = (hi - lo + 1).clamp_min(1)
@@ -265,15 +258,21 @@ def range_max(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, argmax: 
     lead = flat.shape[1]
     idx_level = level.reshape(lead, -1)
     rows = torch.arange(lead, device=values.device)[:, None].expand_as(idx_level)
-    lo_i, hi_i = lo_c.reshape(lead, -1), hi_start.reshape(lead, -1)
-    a, b = flat[idx_level, rows, lo_i], flat[idx_level, rows, hi_i]
-    left = a >= b
-    best = torch.where(left, a, b).reshape(lo.shape)
-    if where is None:
-        return best, None
-    flat_at = torch.stack(where).reshape(len(levels), -1, n)
-    at = torch.where(left, flat_at[idx_level, rows, lo_i], flat_at[idx_level, rows, hi_i])
-    return best, at.reshape(lo.shape)
+    a = flat[idx_level, rows, lo_c.reshape(lead, -1)]
+    b = flat[idx_level, rows, hi_start.reshape(lead, -1)]
+    return torch.maximum(a, b).reshape(lo.shape)
+
+
+def first_index_of(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The leftmost index i in [lo, hi] with values[..., i] == target (the range's maximum, from range_max),
+    for index tensors lo/hi/target [..., S] (same leading shape as values); lo where there is none."""
+    n = values.shape[-1]
+    width = int((hi - lo + 1).max()) if lo.numel() else 1
+    step = torch.arange(max(width, 1), device=values.device)
+    idx = (lo[..., None] + step).clamp(0, n - 1)  # [..., S, width]
+    got = torch.gather(values, -1, idx.flatten(-2)).view(idx.shape)
+    hit = (got == target[..., None]) & (step <= (hi - lo)[..., None])
+    return lo + hit.to(torch.int32).argmax(-1)  # argmax gives the first of equal maxima
 
 
 @dataclass(frozen=True)
@@ -328,7 +327,8 @@ def search_scores(qs: torch.Tensor, k: torch.Tensor | KeyRows, geom: SpanGeometr
         ub = block_scores(qf, tuple(b.to(acc) for b in bounds), params.score)  # [Hq, M, nb]
         lo = (geom.starts // block_size)[None].expand(hq, -1, -1)
         hi = (geom.ends.clamp_min(0) // block_size)[None].expand(hq, -1, -1)
-        scores, best = range_max(ub, lo, hi, argmax=params.span_align == "block")
+        scores = range_max(ub, lo, hi)
+        best = first_index_of(ub, lo, hi, scores) if params.span_align == "block" else None
     return scores.masked_fill(~geom.valid[None], float("-inf")), best
 
 
