@@ -395,4 +395,6 @@ def test_fidelity_with_dense_prefill_is_exact_in_prefill_and_sparse_in_decode(ti
     fid = _fidelity_against_dense(tiny, {"topk_tokens": 32, "prefill": "dense"}, 400, 1, chunk=128, skip=64,
                                   decode=16)
     assert fid["kl_mean"] < 1e-6 and fid["top1_agreement"] == 1.0  # the prompt chunks attend densely
-    assert fid["attended_decode"] < 0.9 and fid["kl_mean_decode"] > 0.0  # the decode steps do not
+    # the decode steps do not: they attend fewer keys and their logits are not dense's bit for bit (on this tiny
+    # random model the difference is at rounding level, so its sign says nothing)
+    assert fid["attended_decode"] < 0.9 and fid["kl_mean_decode"] != 0.0
