@@ -11,7 +11,7 @@ state.selections[layer]); reuse = attend to the positions layer `source` routed 
 
 Parameters (plan.params):
   segment_tokens        1024   keys per k-means segment (a sequence attends densely until its first one completes)
-  tokens_per_cluster    64     segment_tokens // tokens_per_cluster clusters per segment ...
+  tokens_per_cluster    16     segment_tokens // tokens_per_cluster clusters per segment ...
   clusters_per_segment  None   ... unless this is given
   kmeans_iters          4      Lloyd iterations when a segment completes
   decay                 0.999  EMA decay of the live centroids (open segment), in [0, 1]
@@ -45,7 +45,7 @@ from .reference import routing as ref
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "segment_tokens": 1024,
-    "tokens_per_cluster": 64,
+    "tokens_per_cluster": 16,
     "clusters_per_segment": None,
     "kmeans_iters": 4,
     "decay": 0.999,

@@ -375,7 +375,7 @@ def test_bad_params_raise_one_line_errors(bad, match):
 
 def test_param_defaults():
     p = validate_params({})
-    assert (p["segment_tokens"], p["clusters_per_segment"], p["kmeans_iters"], p["decay"]) == (1024, 16, 4, 0.999)
+    assert (p["segment_tokens"], p["clusters_per_segment"], p["kmeans_iters"], p["decay"]) == (1024, 64, 4, 0.999)
     assert (p["budget_tokens"], p["budget_frac"], p["sink_tokens"], p["window"]) == (2048, None, 16, 1024)
     assert validate_params({"clusters_per_segment": 10})["clusters_per_segment"] == 10
     assert validate_params({"tokens_per_cluster": 100, "segment_tokens": 1000})["clusters_per_segment"] == 10
