@@ -640,12 +640,7 @@ def attend_union_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     used = sel.valid & (sel.starts <= sel.ends)
     window = ((key[None, :] >= sw_start[:, None]) & (key[None, :] <= pos[:, None]))[None]  # [1, M, N]
     if bool(used.any()):
-        first = torch.where(used, sel.starts, n)
-        after = torch.where(used, sel.ends + 1, n)
-        ones = torch.ones_like(first, dtype=torch.int32)
-        marks = torch.zeros(hq, m, n + 1, dtype=torch.int32, device=q.device)
-        marks.scatter_add_(2, first, ones).scatter_add_(2, after, -ones)
-        mask = (marks.cumsum(2)[..., :n] > 0) | window
+        mask = covered_by_runs(torch.where(used, sel.starts, n), torch.where(used, sel.ends + 1, n), n) | window
     else:  # no span (short contexts): the windows alone; None when they cover every key (a decode token)
         mask = None if bool(window.all()) else window.expand(hq, -1, -1)
     # The query heads of a KV head become rows of one [group * M] query block, so K/V are not repeated per head.
@@ -693,14 +688,21 @@ def attend_blocks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     run_hi = torch.searchsorted(key_pos, hi.view(hkv, -1), right=True).view(hq, m, -1)
     if combine == "union":  # the union of the runs, each key once: a difference array over the gathered keys
         nonempty = run_hi > run_lo
-        ones = torch.ones_like(run_lo, dtype=torch.int32)
-        marks = torch.zeros(hq, m, n + 1, dtype=torch.int32, device=q.device)
-        marks.scatter_add_(2, torch.where(nonempty, run_lo, n), ones).scatter_add_(2, torch.where(nonempty, run_hi, n),
-                                                                                   -ones)
-        return _masked_attention(scores, marks.cumsum(2)[..., :n] > 0, values, hkv)[0]
+        mask = covered_by_runs(torch.where(nonempty, run_lo, n), torch.where(nonempty, run_hi, n), n)
+        return _masked_attention(scores, mask, values, hkv)[0]
     idx = torch.arange(n, device=q.device)
     in_run = (idx >= run_lo[..., None]) & (idx < run_hi[..., None])  # [Hq, M, 1 + K, L]
     return _gate_combine(scores, in_run[:, :, 0], in_run[:, :, 1:], sel, values, hkv)
+
+
+def covered_by_runs(first: torch.Tensor, after: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., n] bool: the indices in [0, n) inside some run [first, after) of runs [..., R] (the caller gives an
+    empty run first = after = n). A difference array (+1 at each run's first index, -1 after its last, running
+    sum > 0), so overlapping runs count once."""
+    ones = torch.ones_like(first, dtype=torch.int32)
+    marks = torch.zeros(*first.shape[:-1], n + 1, dtype=torch.int32, device=first.device)
+    marks.scatter_add_(-1, first, ones).scatter_add_(-1, after, -ones)
+    return marks.cumsum(-1)[..., :n] > 0
 
 
 def _touched_blocks(lo: torch.Tensor, hi: torch.Tensor, bs: int, nb: int) -> torch.Tensor:
@@ -709,11 +711,7 @@ def _touched_blocks(lo: torch.Tensor, hi: torch.Tensor, bs: int, nb: int) -> tor
     (their positions lie past every query, so no range covers them; the cache row read is block % nb)."""
     hkv = lo.shape[0]
     used = hi >= lo
-    first = torch.where(used, lo // bs, nb)
-    after = torch.where(used, hi // bs + 1, nb)
-    ones = torch.ones_like(first, dtype=torch.int32)
-    marks = torch.zeros(hkv, nb + 1, dtype=torch.int32, device=lo.device)  # +1 at a range's first block, -1 after
-    needed = marks.scatter_add_(1, first, ones).scatter_add_(1, after, -ones).cumsum(1)[:, :nb] > 0
+    needed = covered_by_runs(torch.where(used, lo // bs, nb), torch.where(used, hi // bs + 1, nb), nb)
     width = int(needed.sum(1).max())
     if width == nb:  # a head needs every block: each head reads them all (its ranges mask the rest)
         return torch.arange(nb, device=lo.device).expand(hkv, nb)
